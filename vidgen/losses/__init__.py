@@ -1,0 +1,1 @@
+"""Losses: reconstruction (L1, KL), perceptual (LPIPS), adversarial (hinge, LeCam, R1)."""
