@@ -1,0 +1,274 @@
+"""LightningModule for all three VAE stages: thin glue around `WanVAE` and the losses.
+
+Stage 1 trains the 2D image VAE (`vae.temporal=false`) on single frames; stage 2 builds the
+3D causal VAE and inflates the stage-1 weights into it (`init_from=<stage-1 run>`); stage 3
+continues from stage 2 with a 3D discriminator (`disc` set) on multi-resolution buckets.
+
+Optimisation is manual for every stage so that one code path serves all three: the generator
+and (stage 3) the discriminator have their own AdamW, warm-up schedule and gradient clipping,
+and a step whose gradients are not finite is skipped on every rank (gradients are checked
+after DDP's all-reduce, so all ranks agree) and counted, so a NaN never reaches the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from vidgen.losses.gan import LeCam, adaptive_weight, hinge_d_loss, hinge_g_loss, r1_penalty
+from vidgen.losses.lpips import build_lpips
+from vidgen.losses.recon import vae_loss
+from vidgen.metrics.frames import psnr_per_frame
+from vidgen.models.vae import WanVAE, inflate_2d_to_3d
+from vidgen.models.vae.discriminator import Discriminator3D
+from vidgen.utils.ema import EMA
+from vidgen.utils.guards import NonFiniteGuard, grads_finite
+from vidgen.utils.logging import log_video_grid
+
+
+def warmup_lambda(warmup_steps: int):
+    """Linear warm-up from ~0 to 1 over `warmup_steps`, then constant."""
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def load_vae(path: str | os.PathLike, prefer_ema: bool = True) -> WanVAE:
+    """A VAE from a `save_pretrained` folder, a run folder, or a Lightning `.ckpt`.
+
+    A run folder resolves to its exported `<run>/vae/` (written at the end of training). A
+    `.ckpt` uses the EMA weights when the run kept them and `prefer_ema` is set.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "vae" / "config.json").is_file():
+        path = path / "vae"
+    if path.is_dir():
+        return WanVAE.from_pretrained(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"VAE checkpoint {path} does not exist: give a save_pretrained folder "
+            "(config.json + model.safetensors), a run folder with vae/, or a .ckpt file"
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "hyper_parameters" not in ckpt or "vae" not in ckpt["hyper_parameters"]:
+        raise ValueError(f"{path} is not a vidgen VAE checkpoint (no hyper_parameters.vae)")
+    vae = WanVAE(**dict(ckpt["hyper_parameters"]["vae"]))
+    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}
+    if prefer_ema and ckpt.get("vidgen", {}).get("ema"):
+        ema_state = ckpt["vidgen"]["ema"]["shadow"]
+        state.update({k: v for k, v in ema_state.items() if k in state})
+    vae.load_state_dict(state)
+    return vae
+
+
+class VAEModule(L.LightningModule):
+    """Train a `WanVAE` (stages 1-3).
+
+    vae: `WanVAE` keyword arguments. loss: weights of `vae_loss` plus LPIPS settings.
+    optim: lr, betas, weight_decay, warmup_steps, grad_clip (and disc_lr for stage 3).
+    init_from: earlier stage's VAE (folder, run folder or .ckpt); a 2D VAE is inflated
+        into the 3D one, a same-shaped VAE is loaded as is.
+    ema: {decay, warmup_steps} or None. disc: `Discriminator3D` kwargs or None (no GAN).
+    gan: start_step, weight, adaptive_max, reg ("lecam" | "r1" | "none"), reg_weight.
+    """
+
+    def __init__(
+        self,
+        vae: dict,
+        loss: dict,
+        optim: dict,
+        init_from: str | None = None,
+        require_init_from: bool = False,
+        ema: dict | None = None,
+        disc: dict | None = None,
+        gan: dict | None = None,
+        max_consecutive_nonfinite: int = 20,
+        val_grid_videos: int = 4,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.vae = WanVAE(**dict(vae))
+        if require_init_from and not init_from:
+            raise ValueError(
+                "this stage starts from the previous stage's VAE: set model.init_from=<run "
+                "folder of the previous stage | its vae/ folder | a .ckpt>"
+            )
+        if init_from:
+            self._init_from(init_from)
+        lp = dict(loss)
+        self.lpips = None
+        if lp.get("lpips_weight", 0) > 0:
+            self.lpips = build_lpips(
+                net=lp.get("lpips_net", "alex"),
+                weights_path=lp.get("lpips_weights"),
+                random_backbone=lp.get("lpips_random_backbone", False),
+            )
+        self.disc = Discriminator3D(**dict(disc)) if disc else None
+        self.gan = dict(gan or {})
+        self.lecam = LeCam(decay=self.gan.get("lecam_decay", 0.999)) if self.disc else None
+        self.ema = EMA(self.vae, **dict(ema)) if ema else None
+        self.guard = NonFiniteGuard(max_consecutive=max_consecutive_nonfinite)
+        self.noise = torch.Generator()
+        self.noise.manual_seed(seed)
+        self.skipped_samples = 0
+        self.steps_done = 0
+
+    def _init_from(self, path: str) -> None:
+        src = load_vae(path)
+        if not src.config["temporal"] and self.vae.config["temporal"]:
+            keep = {k: v for k, v in self.vae.config.items() if k not in src.config or k == "temporal"}
+            inflated = inflate_2d_to_3d(src, **{k: v for k, v in keep.items() if k != "temporal"})
+            self.vae.load_state_dict(inflated.state_dict())
+        else:
+            try:
+                self.vae.load_state_dict(src.state_dict())
+            except RuntimeError as e:
+                raise ValueError(
+                    f"init_from={path}: its VAE ({src.config}) does not fit this model's "
+                    f"config ({self.vae.config})"
+                ) from e
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        betas = tuple(o.get("betas", (0.9, 0.999)))
+        opt_g = torch.optim.AdamW(
+            self.vae.parameters(), lr=o["lr"], betas=betas, weight_decay=o.get("weight_decay", 0.0)
+        )
+        sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+            opt, warmup_lambda(o.get("warmup_steps", 0))
+        )
+        if self.disc is None:
+            return [opt_g], [sched(opt_g)]
+        opt_d = torch.optim.AdamW(
+            self.disc.parameters(), lr=o.get("disc_lr", o["lr"]), betas=betas,
+            weight_decay=o.get("weight_decay", 0.0),
+        )
+        return [opt_g, opt_d], [sched(opt_g), sched(opt_d)]
+
+    def _step(self, opt, sched, loss: torch.Tensor, module: torch.nn.Module, name: str) -> bool:
+        """Backward, then step only if every gradient is finite; True when stepped."""
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        finite = grads_finite(module) and torch.isfinite(loss.detach()).item()
+        if not self.guard.check(torch.tensor(0.0 if finite else float("nan")), name):
+            opt.zero_grad(set_to_none=True)
+            self.log(f"train/nonfinite_{name}", float(self.guard.total), rank_zero_only=True)
+            return False
+        clip = self.hparams.optim.get("grad_clip")
+        if clip:
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        return True
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch["video"]
+        self.skipped_samples += int(batch.get("num_skipped", 0))
+        opts = self.optimizers()
+        scheds = self.lr_schedulers()
+        opt_g, opt_d = (opts, None) if self.disc is None else opts
+        sched_g, sched_d = (scheds, None) if self.disc is None else scheds
+        lp = self.hparams.loss
+        step = self.steps_done  # batches trained; global_step counts G and D steps apart
+        gan_on = self.disc is not None and step >= self.gan.get("start_step", 0)
+
+        recon, mu, logvar = self.vae(x, sample_posterior=True, generator=self.noise)
+        total, logs = vae_loss(
+            x, recon, mu, logvar,
+            l1_weight=lp["l1_weight"], kl_weight=lp["kl_weight"],
+            lpips_weight=lp.get("lpips_weight", 0.0), lpips_fn=self.lpips,
+            lpips_frames=lp.get("lpips_frames"), generator=self.noise,
+        )
+        if gan_on:
+            self.toggle_optimizer(opt_g)
+            g_adv = hinge_g_loss(self.disc(recon))
+            w = adaptive_weight(total, g_adv, self.vae.last_layer, max_weight=self.gan.get("adaptive_max", 1e4))
+            total = total + self.gan.get("weight", 0.1) * w * g_adv
+            logs.update({"g_adv": g_adv.detach(), "adaptive_w": w})
+        self._step(opt_g, sched_g, total, self.vae, "g")
+        if gan_on:
+            self.untoggle_optimizer(opt_g)
+        if self.ema is not None:
+            self.ema.update(self.vae, step)
+
+        if gan_on:
+            self.toggle_optimizer(opt_d)
+            real = x.detach().requires_grad_(self.gan.get("reg") == "r1")
+            logits_real, logits_fake = self.disc(real), self.disc(recon.detach())
+            d_loss = hinge_d_loss(logits_real, logits_fake)
+            reg = self.gan.get("reg", "lecam")
+            if reg == "lecam":
+                self.lecam.update(logits_real.detach(), logits_fake.detach())
+                d_loss = d_loss + self.gan.get("reg_weight", 0.001) * self.lecam(logits_real, logits_fake)
+            elif reg == "r1":
+                d_loss = d_loss + self.gan.get("reg_weight", 1.0) * r1_penalty(logits_real, real)
+            self._step(opt_d, sched_d, d_loss, self.disc, "d")
+            self.untoggle_optimizer(opt_d)
+            logs.update({"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
+                         "logits_fake": logits_fake.mean().detach()})
+
+        self.steps_done += 1
+        logs["loss"] = total.detach()
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, sync_dist=False)
+        self.log("train/loss", total.detach(), prog_bar=True)
+        self.log("data/skipped", float(self.skipped_samples))
+        self.log("lr", opt_g.param_groups[0]["lr"])
+
+    # ---------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._ema_ctx = self.ema.swap_into(self.vae) if self.ema is not None else None
+        if self._ema_ctx is not None:
+            self._ema_ctx.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        if self._ema_ctx is not None:
+            self._ema_ctx.__exit__(None, None, None)
+            self._ema_ctx = None
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x = batch["video"]
+        mu, _ = self.vae.encode(x)
+        recon = self.vae.decode(mu).clamp(-1, 1)
+        psnr = psnr_per_frame((x + 1) / 2, (recon + 1) / 2).mean(dim=1)  # [B]
+        self.log("val/psnr", psnr.mean(), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
+        self.log("val/l1", (recon - x).abs().mean(), sync_dist=True, batch_size=x.shape[0])
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            n = self.hparams.val_grid_videos
+            log_video_grid(self.trainer, "val/recon", x[:n], recon[:n], self.global_step)
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vidgen"] = {
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "guard": self.guard.state_dict(),
+            "noise": self.noise.get_state(),
+            "skipped_samples": self.skipped_samples,
+            "steps_done": self.steps_done,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("vidgen", {})
+        if self.ema is not None and extra.get("ema"):
+            self.ema.load_state_dict(extra["ema"])
+        if "guard" in extra:
+            self.guard.load_state_dict(extra["guard"])
+        if "noise" in extra:
+            self.noise.set_state(extra["noise"])
+        self.skipped_samples = extra.get("skipped_samples", 0)
+        self.steps_done = extra.get("steps_done", 0)
+
+    def on_train_end(self) -> None:
+        """Export the VAE (EMA weights when kept) as `<run_dir>/vae/` for the next stage."""
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self.trainer.default_root_dir) / "vae"
+        if self.ema is not None:
+            with self.ema.swap_into(self.vae):
+                self.vae.save_pretrained(out)
+        else:
+            self.vae.save_pretrained(out)
