@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from vidgen.losses.gan import LeCam, adaptive_weight, hinge_d_loss, hinge_g_loss, r1_penalty
+from vidgen.losses.gan import LeCam, adaptive_weight, gradient_penalty, hinge_d_loss, hinge_g_loss
 from vidgen.losses.lpips import build_lpips
 from vidgen.losses.recon import vae_loss
 from vidgen.metrics.frames import psnr_per_frame
@@ -87,6 +87,7 @@ class VAEModule(L.LightningModule):
         max_consecutive_nonfinite: int = 20,
         val_grid_videos: int = 4,
         seed: int = 0,
+        audit_data: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -111,11 +112,14 @@ class VAEModule(L.LightningModule):
         self.gan = dict(gan or {})
         self.lecam = LeCam(decay=self.gan.get("lecam_decay", 0.999)) if self.disc else None
         self.ema = EMA(self.vae, **dict(ema)) if ema else None
-        self.guard = NonFiniteGuard(max_consecutive=max_consecutive_nonfinite)
+        self.guard = NonFiniteGuard(
+            max_consecutive=max_consecutive_nonfinite, knob="model.max_consecutive_nonfinite"
+        )
         self.noise = torch.Generator()
         self.noise.manual_seed(seed)
         self.skipped_samples = 0
         self.steps_done = 0
+        self.seen_keys: list[str] = []  # with audit_data: sample keys this rank trained on
 
     def _init_from(self, path: str) -> None:
         src = load_vae(path)
@@ -155,7 +159,7 @@ class VAEModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         finite = grads_finite(module) and torch.isfinite(loss.detach()).item()
-        if not self.guard.check(torch.tensor(0.0 if finite else float("nan")), name):
+        if not self.guard.check(torch.tensor(0.0 if finite else float("nan")), name, self.global_step):
             opt.zero_grad(set_to_none=True)
             self.log(f"train/nonfinite_{name}", float(self.guard.total), rank_zero_only=True)
             return False
@@ -169,6 +173,8 @@ class VAEModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["video"]
         self.skipped_samples += int(batch.get("num_skipped", 0))
+        if self.hparams.audit_data:
+            self.seen_keys.extend(batch["key"])
         opts = self.optimizers()
         scheds = self.lr_schedulers()
         opt_g, opt_d = (opts, None) if self.disc is None else opts
@@ -206,7 +212,7 @@ class VAEModule(L.LightningModule):
                 self.lecam.update(logits_real.detach(), logits_fake.detach())
                 d_loss = d_loss + self.gan.get("reg_weight", 0.001) * self.lecam(logits_real, logits_fake)
             elif reg == "r1":
-                d_loss = d_loss + self.gan.get("reg_weight", 1.0) * r1_penalty(logits_real, real)
+                d_loss = d_loss + self.gan.get("reg_weight", 1.0) * gradient_penalty(logits_real, real)
             self._step(opt_d, sched_d, d_loss, self.disc, "d")
             self.untoggle_optimizer(opt_d)
             logs.update({"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
@@ -250,6 +256,28 @@ class VAEModule(L.LightningModule):
             "skipped_samples": self.skipped_samples,
             "steps_done": self.steps_done,
         }
+        if self.hparams.audit_data:
+            checkpoint["vidgen"]["audit"] = self._audit()
+
+    def _audit(self) -> dict[str, list]:
+        """Per-rank sample keys and a hash of the weights, gathered from every rank.
+
+        Lets a test (or a suspicious user) check that ranks read disjoint data and that the
+        replicas stayed identical.
+        """
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in sorted(self.vae.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        mine = {"keys": list(self.seen_keys), "weights_sha256": h.hexdigest()}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
+        return {k: [r[k] for r in everyone] for k in mine}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("vidgen", {})
