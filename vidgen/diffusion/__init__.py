@@ -1,0 +1,25 @@
+"""Rectified flow objective and samplers."""
+
+from .flow import (
+    flow_loss,
+    interpolate,
+    resolution_shift,
+    sample_timesteps,
+    shift_timesteps,
+    velocity_target,
+)
+from .sampling import SAMPLERS, cfg_model_fn, sample_euler, sample_heun, timesteps_schedule
+
+__all__ = [
+    "SAMPLERS",
+    "cfg_model_fn",
+    "flow_loss",
+    "interpolate",
+    "resolution_shift",
+    "sample_euler",
+    "sample_heun",
+    "sample_timesteps",
+    "shift_timesteps",
+    "timesteps_schedule",
+    "velocity_target",
+]

@@ -1,0 +1,223 @@
+"""Convert DiT checkpoints between diffusers ``WanTransformer3DModel`` and our ``WanDiT``.
+
+    python -m vidgen.tools.convert_dit --from-diffusers Wan2.1-T2V-1.3B-Diffusers/transformer --out ckpt/wan_1.3b
+    python -m vidgen.tools.convert_dit --to-diffusers ckpt/wan_1.3b --out export/transformer
+
+diffusers side: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (or the sharded
+``.safetensors.index.json`` form). Ours: ``config.json`` + ``model.safetensors`` as written
+by ``WanDiT.save_pretrained``. Tensors are renamed only, never reshaped or cast (pass
+``--dtype`` to cast), so a round trip is bit-exact. Only text-to-video models convert:
+image-to-video checkpoints (image_dim / added_kv_proj_dim set) are refused.
+
+Time convention: diffusers takes ``timestep`` in [0, 1000], we take flow time t in [0, 1];
+``diffusers(x, 1000 * t, ctx) == ours(x, t, ctx)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+
+import torch
+
+from vidgen.models.dit.model import CONFIG_NAME, WEIGHTS_NAME, WanDiT
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
+
+# (diffusers key pattern, our key pattern); applied left to right, first match wins.
+_KEY_MAP = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^(blocks\.\d+)\.attn1\.to_out\.0\.", r"\1.self_attn.to_out."),
+    (r"^(blocks\.\d+)\.attn1\.", r"\1.self_attn."),
+    (r"^(blocks\.\d+)\.attn2\.to_out\.0\.", r"\1.cross_attn.to_out."),
+    (r"^(blocks\.\d+)\.attn2\.", r"\1.cross_attn."),
+    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
+    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
+]
+# The inverse, written out rather than derived so that each direction reads on its own.
+_KEY_MAP_INV = [
+    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^(blocks\.\d+)\.self_attn\.to_out\.", r"\1.attn1.to_out.0."),
+    (r"^(blocks\.\d+)\.self_attn\.", r"\1.attn1."),
+    (r"^(blocks\.\d+)\.cross_attn\.to_out\.", r"\1.attn2.to_out.0."),
+    (r"^(blocks\.\d+)\.cross_attn\.", r"\1.attn2."),
+    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
+    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
+]
+
+
+def _rename(key: str, table) -> str:
+    for pattern, repl in table:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key  # patch_embedding, norms, scale_shift_table, proj_out: same names
+
+
+# --------------------------------------------------------------------------------------
+# Config and state-dict mapping (pure functions)
+# --------------------------------------------------------------------------------------
+
+
+def config_from_diffusers(cfg: dict) -> dict:
+    """diffusers WanTransformer3DModel config -> WanDiT kwargs."""
+    for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+        if cfg.get(key) is not None:
+            raise ValueError(
+                f"{key}={cfg[key]!r}: image-to-video Wan checkpoints are not supported (text-to-video only)"
+            )
+    heads, head_dim = cfg.get("num_attention_heads", 40), cfg.get("attention_head_dim", 128)
+    return dict(
+        in_channels=cfg.get("in_channels", 16),
+        out_channels=cfg.get("out_channels") or cfg.get("in_channels", 16),
+        patch_size=list(cfg.get("patch_size", (1, 2, 2))),
+        dim=heads * head_dim,
+        ffn_dim=cfg.get("ffn_dim", 13824),
+        num_heads=heads,
+        num_layers=cfg.get("num_layers", 40),
+        text_dim=cfg.get("text_dim", 4096),
+        freq_dim=cfg.get("freq_dim", 256),
+        # diffusers builds q/k RMSNorm whatever its qk_norm string says, so the weights exist.
+        qk_norm=True,
+        cross_attn_norm=cfg.get("cross_attn_norm", True),
+        eps=cfg.get("eps", 1e-6),
+    )
+
+
+def config_to_diffusers(cfg: dict) -> dict:
+    """WanDiT kwargs -> diffusers WanTransformer3DModel config."""
+    if not cfg.get("qk_norm", True):
+        raise ValueError(
+            "qk_norm=False has no diffusers equivalent (WanTransformer3DModel always normalises q/k)"
+        )
+    if cfg.get("rope_theta", 10000.0) != 10000.0:
+        raise ValueError(
+            f"rope_theta={cfg['rope_theta']} has no diffusers equivalent (fixed at 10000)"
+        )
+    return {
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": list(cfg["patch_size"]),
+        "num_attention_heads": cfg["num_heads"],
+        "attention_head_dim": cfg["dim"] // cfg["num_heads"],
+        "in_channels": cfg["in_channels"],
+        "out_channels": cfg["out_channels"],
+        "text_dim": cfg["text_dim"],
+        "freq_dim": cfg["freq_dim"],
+        "ffn_dim": cfg["ffn_dim"],
+        "num_layers": cfg["num_layers"],
+        "cross_attn_norm": cfg["cross_attn_norm"],
+        "qk_norm": "rms_norm_across_heads",
+        "eps": cfg["eps"],
+        "image_dim": None,
+        "added_kv_proj_dim": None,
+        "rope_max_seq_len": 1024,
+        "pos_embed_seq_len": None,
+    }
+
+
+def state_dict_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        _rename(k, _KEY_MAP): v for k, v in state.items() if not k.endswith("norm_added_q.weight")
+    }
+
+
+def state_dict_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_rename(k, _KEY_MAP_INV): v for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Directory conversion
+# --------------------------------------------------------------------------------------
+
+
+def _load_diffusers_dir(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{config_path} not found: expected a diffusers WanTransformer3DModel directory"
+        )
+    with open(config_path) as f:
+        config = json.load(f)
+    if os.path.isfile(os.path.join(path, DIFFUSERS_WEIGHTS)):
+        files = [DIFFUSERS_WEIGHTS]
+    elif os.path.isfile(os.path.join(path, DIFFUSERS_INDEX)):
+        with open(os.path.join(path, DIFFUSERS_INDEX)) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        raise FileNotFoundError(f"neither {DIFFUSERS_WEIGHTS} nor {DIFFUSERS_INDEX} in {path}")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return config, state
+
+
+def from_diffusers(src: str, out: str, dtype: torch.dtype | None = None) -> WanDiT:
+    """Convert a diffusers WanTransformer3DModel directory into a WanDiT directory."""
+    config, state = _load_diffusers_dir(src)
+    if config.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
+        raise ValueError(
+            f"{src} holds a {config['_class_name']!r}, expected 'WanTransformer3DModel'"
+        )
+    with torch.device("meta"):
+        model = WanDiT(**config_from_diffusers(config))
+    state = state_dict_from_diffusers(state)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.save_pretrained(out)
+    return model
+
+
+def to_diffusers(src: str, out: str, dtype: torch.dtype | None = None):
+    """Convert a WanDiT directory into a diffusers WanTransformer3DModel directory."""
+    from safetensors.torch import save_file
+
+    model = WanDiT.from_pretrained(src, dtype=dtype)
+    config = config_to_diffusers(model.config)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    state = {k: v.contiguous() for k, v in state_dict_to_diffusers(model.state_dict()).items()}
+    save_file(state, os.path.join(out, DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    direction = parser.add_mutually_exclusive_group(required=True)
+    direction.add_argument(
+        "--from-diffusers", metavar="DIR", help="diffusers WanTransformer3DModel directory"
+    )
+    direction.add_argument(
+        "--to-diffusers", metavar="DIR", help=f"WanDiT directory ({CONFIG_NAME} + {WEIGHTS_NAME})"
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)"
+    )
+    args = parser.parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.from_diffusers:
+        from_diffusers(args.from_diffusers, args.out, dtype)
+    else:
+        to_diffusers(args.to_diffusers, args.out, dtype)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
