@@ -1,0 +1,160 @@
+"""LightningDataModule over the WebDataset video stream (plain kwargs; Hydra-friendly).
+
+    dm = VideoDataModule(
+        train=dict(shards="data/synth/train", num_frames=17, height=64, width=64,
+                   batches_per_epoch=500),
+        val=dict(shards="data/synth/val", num_frames=17, height=64, width=64),
+        batch_size=8, num_workers=4, seed=0,
+    )
+
+Batches are built inside the loader workers (``batch_size=None`` on the DataLoader);
+see ``vidgen.data.pipeline`` for the batch format.
+
+Epochs. Before every pass over the training loader the module tells the dataset which
+epoch it is (through shared memory, so persistent workers see it too): from the
+attached Trainer when there is one, else by counting passes. When a run resumes in the
+middle of an epoch, the stream for the rest of that epoch is seeded with the number of
+batches already done and yields only the remaining ones, so every epoch keeps exactly
+``batches_per_epoch`` steps per rank (the resumed batches are new draws, not a replay).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from vidgen.data.pipeline import VideoShardDataset, build_video_dataset
+
+
+def _plain(value):
+    """Recursively turn OmegaConf containers (or anything dict/list-like) into builtins."""
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed a loader worker's global RNGs (for user transforms; the pipeline itself uses
+    its own per-(seed, rank, worker, epoch) generators). ``torch.initial_seed()`` already
+    differs per worker and per pass, drawn from the loader's seeded generator."""
+    worker_seed = torch.initial_seed() % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that sets the dataset's (epoch, start_batch) before each pass."""
+
+    def __init__(self, dataset: VideoShardDataset, *, position_fn: Callable[[], tuple[int, int]], **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.position_fn = position_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(*self.position_fn())
+        return super().__iter__()
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Train / val loaders over video shards.
+
+    Args:
+        train: kwargs for ``build_video_dataset`` (must include ``shards``).
+        val: the same for validation (``resampled`` defaults to False), or None.
+        batch_size: clips per batch (set here, not inside ``train`` / ``val``).
+        num_workers: loader worker processes per rank (decoding happens there).
+        seed: base seed of all data RNG streams.
+        pin_memory: pin batches for faster host-to-GPU copies.
+        persistent_workers: keep workers alive between epochs (when num_workers > 0).
+    """
+
+    def __init__(
+        self,
+        train: Mapping,
+        val: Mapping | None = None,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+    ):
+        super().__init__()
+        self.train_kwargs = self._check_kwargs(_plain(train), "train", batch_size, seed)
+        self.val_kwargs = self._check_kwargs(_plain(val), "val", batch_size, seed) if val is not None else None
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self._passes = 0  # training passes, used when no Trainer is attached
+
+    @staticmethod
+    def _check_kwargs(kwargs: dict, name: str, batch_size: int, seed: int) -> dict:
+        if not isinstance(kwargs, dict) or "shards" not in kwargs:
+            raise ValueError(f"VideoDataModule({name}=...) needs a dict with 'shards', got {kwargs!r}")
+        for key, value in (("batch_size", batch_size), ("seed", seed)):
+            if key in kwargs and kwargs[key] != value:
+                raise ValueError(
+                    f"{name}.{key}={kwargs[key]!r} conflicts with VideoDataModule({key}={value!r}); "
+                    f"set {key} once, on the data module"
+                )
+        return {**kwargs, "batch_size": batch_size, "seed": seed}
+
+    # -- epochs --------------------------------------------------------------------
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches already done in it) for the pass about to start."""
+        trainer = self.trainer
+        if trainer is None:
+            epoch, self._passes = self._passes, self._passes + 1
+            return epoch, 0
+        try:
+            # Read before Lightning's restart bookkeeping runs, so use `processed`
+            # counters: for epochs it is already the next epoch when resuming from an
+            # end-of-epoch checkpoint (unlike current_epoch); for batches it includes the
+            # batch whose on_train_batch_end saved the checkpoint (unlike `completed`).
+            epoch = trainer.fit_loop.epoch_progress.current.processed
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        except AttributeError:  # a Trainer without a fit loop (e.g. a test double)
+            return trainer.current_epoch, 0
+        per_epoch = self.train_kwargs.get("batches_per_epoch")
+        if per_epoch is None or done >= per_epoch:
+            done = 0
+        return epoch, done
+
+    # -- loaders -------------------------------------------------------------------
+
+    def _loader(self, dataset: VideoShardDataset, position_fn: Callable[[], tuple[int, int]]) -> DataLoader:
+        return EpochDataLoader(
+            dataset,
+            position_fn=position_fn,
+            batch_size=None,  # batches are made (and bucketed) inside the workers
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # Built here, not in __init__, so that torch.distributed is up and the rank known.
+        dataset = build_video_dataset(**self.train_kwargs)
+        return self._loader(dataset, self._train_position)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_kwargs is None:
+            return []  # Lightning runs no validation for an empty list
+        dataset = build_video_dataset(**{"resampled": False, **self.val_kwargs})
+        return self._loader(dataset, lambda: (0, 0))

@@ -1,0 +1,447 @@
+"""DiT training data: latent shards -> packed sequences, built inside loader workers.
+
+    dm = LatentDataModule(
+        train=dict(shards="latents/train", max_tokens=4096, batches_per_epoch=500,
+                   cfg_dropout=0.1, schedule=[{"step": 20000, "max_tokens": 8192}]),
+        val=dict(shards="latents/val", max_tokens=4096),
+        patch_size=(1, 2, 2), num_workers=4, seed=0,
+    )
+
+Latent shards are written by ``vidgen.tools.encode_latents`` (format there). Per stream
+(one rank x one loader worker)::
+
+    shards ─▶ decode {key}.safetensors ─▶ shuffle ─▶ caption dropout ─▶ bucket filter
+           ─▶ PackingBuffer (first-fit decreasing to max_tokens) ─▶ {"packed": PackedBatch, ...}
+
+Timesteps and noise are NOT drawn here: the training step draws them (per sample, from a
+generator seeded by step and rank), so they do not depend on the number of workers.
+
+Caption dropout (classifier-free guidance): with probability ``cfg_dropout`` a sample's
+text embedding is replaced by the empty-caption embedding stored with the latents
+(``empty_caption.safetensors``), the same one sampling uses for the unconditional branch.
+
+Streams, epochs, resume: as in ``vidgen.data.pipeline``: with ``resampled=True`` each stream
+draws shards with replacement from its own RNG seeded by (seed, rank, worker, epoch,
+start_batch); ``batches_per_epoch`` batches per rank are split exactly among the workers.
+Validation (``resampled=False``) reads shard ``i`` in stream ``i mod (world * workers)``.
+
+Schedule (progressive resolution within a run): ``schedule`` lists stages
+``{step, buckets, max_tokens}``; a stage applies from training batch ``step`` on (batches
+of this rank: one optimizer step each, unless the NaN guard skipped steps), unspecified
+keys carry over from the stage before, and stage 0 is the top-level ``buckets`` /
+``max_tokens``. Each worker knows the index of every batch it makes (the DataLoader takes
+batches from workers round-robin), so the switch happens at exactly that batch, identically
+in a resumed run. ``buckets`` are the pixel-space buckets the latents were encoded at
+("17x256x256", stored in each sample's JSON); null means every bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from vidgen.data.buckets import parse_buckets
+from vidgen.data.datamodule import EpochDataLoader, VideoDataModule, _plain, _seed_worker
+from vidgen.data.pipeline import _dist_rank_world, _shuffled
+from vidgen.data.shards import expand_shards
+from vidgen.models.dit.packing import PackingBuffer
+
+log = logging.getLogger(__name__)
+
+INFO_NAME = "latents_info.json"
+EMPTY_NAME = "empty_caption.safetensors"
+FORMAT = "vidgen-latents-v1"
+# A resampled stream that cannot make progress stops with an error instead of spinning.
+_MAX_EMPTY_SHARDS = 200
+_MAX_REJECTED = 20000
+
+
+# --------------------------------------------------------------------------------------
+# The latent shard format (written by vidgen.tools.encode_latents)
+# --------------------------------------------------------------------------------------
+
+
+def encode_sample(latent: torch.Tensor, text: torch.Tensor) -> bytes:
+    """The ``{key}.safetensors`` member: latent [C, t, h, w] and text [L, D] (already cast)."""
+    return st_save({"latent": latent.contiguous().cpu(), "text": text.contiguous().cpu()})
+
+
+def decode_sample(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``encode_sample``: (latent [C, t, h, w], text [L, D]) as float32."""
+    tensors = st_load(data)
+    return tensors["latent"].float(), tensors["text"].float()
+
+
+def load_empty_caption(folder: str | os.PathLike) -> torch.Tensor:
+    """[L0, D] float32 embedding of the empty caption stored by encode_latents in ``folder``."""
+    path = Path(folder) / EMPTY_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a latent folder written by encode_latents")
+    return st_load(path.read_bytes())["text"].float()
+
+
+# --------------------------------------------------------------------------------------
+# Stages (the within-run schedule)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """From training batch ``step`` on: pack to ``max_tokens``, keep only ``buckets`` (None: all)."""
+
+    step: int
+    max_tokens: int
+    buckets: frozenset[str] | None
+
+
+def parse_schedule(
+    max_tokens: int, buckets: Sequence | None, schedule: Sequence[Mapping] | None
+) -> list[Stage]:
+    """Stage list from the top-level settings (stage 0) and the ``schedule`` entries."""
+    def bucket_set(value):
+        return None if value is None else frozenset(str(b) for b in parse_buckets(list(value)))
+
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    stages = [Stage(0, max_tokens, bucket_set(buckets))]
+    valid, last = {"step", "max_tokens", "buckets"}, -1
+    for entry in schedule or []:
+        entry = dict(entry)
+        if not set(entry) <= valid or "step" not in entry:
+            raise ValueError(
+                f"schedule entry {entry} must have 'step' and only keys {sorted(valid)}"
+            )
+        step = int(entry["step"])
+        if step <= last:
+            raise ValueError(f"schedule steps must increase, got {step} after {last}")
+        last = step
+        prev = stages.pop() if step == 0 else stages[-1]  # a step-0 entry replaces stage 0
+        tokens = int(entry.get("max_tokens", prev.max_tokens))
+        if tokens < 1:
+            raise ValueError(f"schedule entry {entry}: max_tokens must be >= 1")
+        chosen = bucket_set(entry["buckets"]) if "buckets" in entry else prev.buckets
+        stages.append(Stage(step, tokens, chosen))
+    return stages
+
+
+def stage_at(stages: Sequence[Stage], batch: int) -> int:
+    """Index of the stage that applies to training batch ``batch``."""
+    return max(i for i, s in enumerate(stages) if s.step <= batch)
+
+
+class LatentShardDataset(IterableDataset):
+    """Packed batches from latent shards; build it through ``LatentDataModule``.
+
+    Yields dicts (use a DataLoader with ``batch_size=None``)::
+
+        packed:      PackedBatch (clean latent tokens, text, grids; t=None)
+        stage:       index of the schedule stage it was packed for
+        num_skipped: int64 scalar, unreadable samples this worker skipped since its last batch
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        patch_size: Sequence[int],
+        stages: list[Stage],
+        empty_text: torch.Tensor | None,
+        cfg_dropout: float = 0.0,
+        shuffle_buffer: int = 256,
+        pack_buffer: int = 64,
+        min_efficiency: float = 0.9,
+        resampled: bool = True,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__()
+        if not 0.0 <= cfg_dropout <= 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
+        if cfg_dropout > 0 and empty_text is None:
+            raise ValueError("cfg_dropout > 0 needs the empty-caption embedding (empty_text)")
+        if len(stages) > 1 and (not resampled or batches_per_epoch is None):
+            raise ValueError("a schedule needs resampled=True and batches_per_epoch set")
+        if batches_per_epoch is not None and (not resampled or batches_per_epoch < 1):
+            raise ValueError(
+                f"batches_per_epoch={batches_per_epoch} needs resampled=True and a value >= 1"
+            )
+        self.shards, self.patch_size, self.stages = shards, tuple(patch_size), stages
+        self.empty_text, self.cfg_dropout = empty_text, cfg_dropout
+        self.shuffle_buffer, self.pack_buffer, self.min_efficiency = shuffle_buffer, pack_buffer, min_efficiency
+        self.resampled, self.batches_per_epoch = resampled, batches_per_epoch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, start_batch]
+
+    # Same epoch protocol as VideoShardDataset (EpochDataLoader calls set_epoch).
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if epoch < 0 or start_batch < 0:
+            raise ValueError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
+        self._position[0], self._position[1] = epoch, start_batch
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("length is only known with resampled=True and batches_per_epoch set")
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, start_batch = (int(v) for v in self._position.tolist())
+        return self.iterate(worker=worker, num_workers=num_workers, epoch=epoch, start_batch=start_batch)
+
+    def iterate(self, *, worker=0, num_workers=1, epoch=0, start_batch=0) -> Iterator[dict]:
+        """The batches of one stream (rank ``self.rank``, worker ``worker``)."""
+        shard_ss, shuffle_ss, drop_ss, pack_ss = np.random.SeedSequence(
+            [self.seed, self.rank, worker, epoch, start_batch]
+        ).spawn(4)
+        self._skipped = 0
+        if self.resampled:
+            rng = np.random.default_rng(shard_ss)
+            urls = (self.shards[int(rng.integers(len(self.shards)))] for _ in iter(int, 1))
+        else:
+            stream, num_streams = self.rank * num_workers + worker, self.world_size * num_workers
+            urls = iter(self.shards[stream::num_streams])
+        samples = self._samples(urls)
+        if self.resampled and self.shuffle_buffer > 1:
+            samples = _shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
+        if self.cfg_dropout > 0:
+            samples = self._dropout(samples, np.random.default_rng(drop_ss))
+        pack_seed = int(pack_ss.generate_state(1)[0])
+
+        if self.batches_per_epoch is None:  # finite pass (validation) or endless, one stage
+            yield from self._packed(samples, self.stages[0], pack_seed, final=not self.resampled)
+            return
+        remaining = self.batches_per_epoch - start_batch
+        limit = remaining // num_workers + (1 if worker < remaining % num_workers else 0)
+        first = epoch * self.batches_per_epoch + start_batch + worker  # this worker's batch 0
+        k = 0
+        while k < limit:
+            stage = stage_at(self.stages, first + k * num_workers)
+            n = 1
+            while k + n < limit and stage_at(self.stages, first + (k + n) * num_workers) == stage:
+                n += 1
+            packed = self._packed(samples, self.stages[stage], pack_seed + k, final=False)
+            for batch in islice(packed, n):
+                yield dict(batch, stage=stage)
+            k += n
+
+    # -- pieces of the stream ----------------------------------------------------------
+
+    def _packed(self, samples, stage: Stage, seed: int, final: bool) -> Iterator[dict]:
+        """Pack the samples of ``stage``'s buckets to its budget (a fresh buffer per stage)."""
+        buffer = PackingBuffer(
+            self._filter(samples, stage.buckets), self.patch_size, stage.max_tokens,
+            buffer_size=self.pack_buffer, min_efficiency=self.min_efficiency, seed=seed,
+            drop_last=False,
+        )
+        for packed in buffer:
+            skipped, self._skipped = self._skipped, 0
+            yield dict(packed=packed, stage=0, num_skipped=torch.tensor(skipped))
+        if not final:
+            raise RuntimeError("the latent stream ended although it is resampled")
+
+    def _filter(self, samples, buckets: frozenset[str] | None) -> Iterator[dict]:
+        if buckets is None:
+            yield from samples
+            return
+        rejected, seen = 0, set()
+        for s in samples:
+            if s["bucket"] in buckets:
+                rejected = 0
+                yield s
+                continue
+            rejected += 1
+            seen.add(s["bucket"])
+            if rejected >= _MAX_REJECTED:
+                raise RuntimeError(
+                    f"no latent sample of buckets {sorted(buckets)} in {rejected} consecutive "
+                    f"samples; the shards hold buckets {sorted(seen)}. Check the stage's buckets."
+                )
+
+    def _dropout(self, samples, rng: np.random.Generator) -> Iterator[dict]:
+        for s in samples:
+            if rng.random() < self.cfg_dropout:
+                s = dict(s, context=self.empty_text, dropped=True)
+            yield s
+
+    def _samples(self, urls: Iterator[str]) -> Iterator[dict]:
+        """Decoded samples {latent [C,t,h,w], context [L,D], key, caption, bucket}."""
+        empty_run = 0
+        for url in urls:
+            got = 0
+            for raw in self._read_shard(url):
+                key = raw.get("__key__", "?")
+                try:
+                    latent, context = decode_sample(raw["safetensors"])
+                    meta = json.loads(raw["json"])
+                    caption = raw["txt"].decode("utf-8")
+                except Exception as exn:  # noqa: BLE001 - any broken member is the same skip
+                    self._skipped += 1
+                    log.warning("vidgen.data.latents: skipping %s:%s: %s", url, key, exn)
+                    continue
+                got += 1
+                yield dict(latent=latent, context=context, key=key, caption=caption,
+                           bucket=str(meta.get("bucket")))
+            empty_run = 0 if got else empty_run + 1
+            if self.resampled and empty_run >= _MAX_EMPTY_SHARDS:
+                raise RuntimeError(
+                    f"{empty_run} consecutive shard reads gave no usable latent sample "
+                    f"({len(self.shards)} shard(s), e.g. {self.shards[0]})"
+                )
+
+    def _read_shard(self, url: str) -> Iterator[dict]:
+        def on_error(exn: Exception) -> bool:
+            self._skipped += 1
+            log.warning("vidgen.data.latents: %s: %s", url, exn)
+            return False
+
+        try:
+            stream = gopen(url, "rb")
+        except Exception as exn:  # noqa: BLE001
+            on_error(exn)
+            return
+        with contextlib.closing(stream):
+            files = tar_file_expander([dict(url=url, stream=stream)], handler=on_error)
+            yield from group_by_keys(files, handler=on_error)
+
+
+# --------------------------------------------------------------------------------------
+# Dataset-level files and the DataModule
+# --------------------------------------------------------------------------------------
+
+
+def read_latents_info(shards: Sequence[str]) -> dict:
+    """``latents_info.json`` of the folders holding ``shards``; they must agree."""
+    folders = sorted({os.path.dirname(os.path.abspath(s)) for s in shards})
+    infos = []
+    for folder in folders:
+        path = Path(folder) / INFO_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: latent shards come with it (python -m "
+                "vidgen.tools.encode_latents ... out=<folder>)"
+            )
+        infos.append(dict(json.loads(path.read_text()), folder=folder))
+    for other in infos[1:]:
+        for key in ("vae_config", "text_encoder", "text_dim"):
+            if other.get(key) != infos[0].get(key):
+                raise ValueError(
+                    f"latent folders {infos[0]['folder']} and {other['folder']} disagree on {key}: "
+                    "train on latents of one VAE and one text encoder"
+                )
+    return infos[0]
+
+
+_TRAIN_KEYS = {"shards", "max_tokens", "buckets", "schedule", "cfg_dropout", "shuffle_buffer",
+               "pack_buffer", "min_efficiency", "resampled", "batches_per_epoch"}
+_VAL_KEYS = {"shards", "max_tokens", "buckets", "pack_buffer", "min_efficiency"}
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Train / val loaders of packed latent sequences (plain kwargs, like VideoDataModule).
+
+    Args:
+        train: shards, max_tokens (token budget per packed sequence), buckets (None: all),
+            schedule (see module doc), cfg_dropout, shuffle_buffer, pack_buffer (samples held
+            for packing), min_efficiency (fill a sequence needs to leave the buffer),
+            resampled, batches_per_epoch (per rank).
+        val: shards, max_tokens, buckets, pack_buffer, min_efficiency; or None.
+        patch_size: the DiT's (pt, ph, pw) patch.
+        num_workers, seed, pin_memory, persistent_workers: as in VideoDataModule.
+
+    ``info`` (the latents_info.json: VAE, text encoder) and ``empty_text`` (the [L0, D]
+    empty-caption embedding) are read at construction; the DiT module uses them.
+    """
+
+    def __init__(
+        self,
+        train: Mapping,
+        val: Mapping | None = None,
+        patch_size: Sequence[int] = (1, 2, 2),
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+    ):
+        super().__init__()
+        self.train_kwargs = self._check(_plain(train), _TRAIN_KEYS, "train")
+        self.val_kwargs = self._check(_plain(val), _VAL_KEYS, "val") if val is not None else None
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self._passes = 0
+        self.train_shards = expand_shards(self.train_kwargs["shards"])
+        self.info = read_latents_info(self.train_shards)
+        self.empty_text = load_empty_caption(self.info["folder"])
+        self.stages = parse_schedule(
+            self.train_kwargs["max_tokens"], self.train_kwargs.get("buckets"),
+            self.train_kwargs.get("schedule"),
+        )
+
+    @staticmethod
+    def _check(kwargs, valid: set, name: str) -> dict:
+        if not isinstance(kwargs, dict) or "shards" not in kwargs or "max_tokens" not in kwargs:
+            raise ValueError(f"LatentDataModule({name}=...) needs a dict with 'shards' and 'max_tokens'")
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise ValueError(f"LatentDataModule({name}=...): unknown keys {unknown}; valid: {sorted(valid)}")
+        return kwargs
+
+    # The same epoch / mid-epoch-resume bookkeeping as the video data module.
+    _train_position = VideoDataModule._train_position
+
+    def _loader(self, dataset, position_fn) -> DataLoader:
+        return EpochDataLoader(
+            dataset, position_fn=position_fn, batch_size=None, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+            worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataset(self, rank: int | None = None, world_size: int | None = None) -> LatentShardDataset:
+        k = self.train_kwargs
+        env_rank, env_world = _dist_rank_world()
+        return LatentShardDataset(
+            self.train_shards, patch_size=self.patch_size, stages=self.stages,
+            empty_text=self.empty_text, cfg_dropout=k.get("cfg_dropout", 0.0),
+            shuffle_buffer=k.get("shuffle_buffer", 256), pack_buffer=k.get("pack_buffer", 64),
+            min_efficiency=k.get("min_efficiency", 0.9), resampled=k.get("resampled", True),
+            batches_per_epoch=k.get("batches_per_epoch"), seed=self.seed,
+            rank=env_rank if rank is None else rank,
+            world_size=env_world if world_size is None else world_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(), self._train_position)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_kwargs is None:
+            return []
+        k = self.val_kwargs
+        rank, world = _dist_rank_world()
+        dataset = LatentShardDataset(
+            expand_shards(k["shards"]), patch_size=self.patch_size,
+            stages=parse_schedule(k["max_tokens"], k.get("buckets"), None), empty_text=None,
+            pack_buffer=k.get("pack_buffer", 64), min_efficiency=k.get("min_efficiency", 0.9),
+            resampled=False, seed=self.seed, rank=rank, world_size=world,
+        )
+        return self._loader(dataset, lambda: (0, 0))
+

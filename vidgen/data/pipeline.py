@@ -1,0 +1,486 @@
+"""The training/validation video stream: shards -> samples -> clips -> bucketed batches.
+
+Everything below runs inside DataLoader workers (``batch_size=None`` in the loader):
+each worker reads whole shards, shuffles raw (still encoded) samples, decodes only the
+frames it needs with decord (1 thread), and emits batches that never mix buckets::
+
+    shards ─▶ tar samples ─▶ validate + bucket (JSON only) ─▶ shuffle ─▶ decode ─▶ batch
+
+Streams. A stream is one (rank, worker). With ``resampled=True`` every stream draws
+shards with replacement from the full list, each from its own RNG seeded by
+(seed, rank, worker, epoch), so streams are disjoint in distribution and
+reproducible; ``batches_per_epoch`` batches per rank are divided exactly among the
+workers, so every rank takes the same number of steps. With ``resampled=False``
+(validation) shard ``i`` goes to stream ``i mod (world_size * num_workers)``, is read
+once in order, and clips are centred.
+
+Bad data never stops the stream: unreadable shards, samples without video, caption or
+valid metadata, videos too short for every bucket and undecodable videos are logged,
+skipped and counted (``SKIP_REASONS``); each batch reports the skips its worker saw
+since its previous batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from vidgen.data.buckets import Bucket, assign_bucket, parse_buckets
+from vidgen.data.shards import REQUIRED_META, expand_shards
+from vidgen.data.video import VideoTooShortError, decode_clip, resize_crop
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = (
+    "unreadable_shard",  # shard could not be opened or its tar stream broke (counts 1 per shard)
+    "bad_sample",  # malformed tar members (e.g. duplicate names)
+    "missing_video",  # no {key}.mp4
+    "no_caption",  # no {key}.txt, or an empty one
+    "bad_meta",  # {key}.json missing, not JSON, or lacking num_frames/fps/height/width
+    "too_short",  # fits no bucket at the requested frame spacing
+    "decode_error",  # decord could not decode the chosen frames
+)
+
+# Resampled streams are infinite: if every shard keeps failing, stop with an error
+# instead of spinning forever. Both conditions must hold (see _Health).
+_MIN_CONSECUTIVE_FAILURES = 200
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed if initialised, else env RANK/WORLD_SIZE."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@dataclass
+class _Sample:
+    key: str
+    url: str
+    mp4: bytes
+    caption: str
+    meta: dict
+    bucket: Bucket
+
+
+@dataclass
+class _SkipCounter:
+    """Per-reason skip counts since the last batch was emitted."""
+
+    counts: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+
+    def add(self, reason: str, where: str, detail: object) -> None:
+        self.counts[reason] += 1
+        log.warning("vidgen.data: skipping %s (%s): %s", where, reason, detail)
+
+    def take(self) -> dict:
+        taken, self.counts = self.counts, dict.fromkeys(SKIP_REASONS, 0)
+        return taken
+
+
+class _Health:
+    """Raises when a resampled stream cannot make progress: at least
+    ``_MIN_CONSECUTIVE_FAILURES`` failures in a row, and every shard failed at least
+    once since the last good sample (so one rare good shard is never mistaken for none).
+    """
+
+    def __init__(self, num_shards: int, counter: _SkipCounter):
+        self.num_shards, self.counter = num_shards, counter
+        self.failed_urls: set[str] = set()
+        self.consecutive = 0
+
+    def ok(self) -> None:
+        self.failed_urls.clear()
+        self.consecutive = 0
+
+    def fail(self, url: str) -> None:
+        self.failed_urls.add(url)
+        self.consecutive += 1
+        if self.consecutive >= _MIN_CONSECUTIVE_FAILURES and len(self.failed_urls) >= self.num_shards:
+            raise RuntimeError(
+                f"no usable sample in {self.consecutive} attempts across all "
+                f"{self.num_shards} shards; skip counts so far: {self.counter.counts}. "
+                "Check the shards and that num_frames/buckets fit the videos."
+            )
+
+
+class VideoShardDataset(IterableDataset):
+    """Batches of clips from WebDataset video shards; build it with ``build_video_dataset``.
+
+    Yields dicts (already collated; use a DataLoader with ``batch_size=None``)::
+
+        video:       float32 [B, 3, T, H, W] in [-1, 1]   (image mode: T = 1)
+        caption:     list[str], length B
+        key:         list[str]
+        meta:        list[dict]  shard JSON + frame_indices, bucket ("FxHxW"), shard url
+        num_skipped: int64 scalar tensor, samples this worker skipped since its last batch
+        skipped:     dict[reason, int], the same broken down by SKIP_REASONS
+    """
+
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        mode: str,
+        buckets: list[Bucket],
+        frame_stride: float,
+        target_fps: float | None,
+        batch_size: int,
+        shuffle_buffer: int,
+        resampled: bool,
+        batches_per_epoch: int | None,
+        seed: int,
+        deterministic: bool,
+        rank: int,
+        world_size: int,
+    ):
+        super().__init__()
+        self.shards = shards
+        self.mode = mode
+        self.buckets = buckets
+        self.frame_stride = frame_stride
+        self.target_fps = target_fps
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.batches_per_epoch = batches_per_epoch
+        self.seed = seed
+        self.deterministic = deterministic or not resampled
+        self.rank, self.world_size = rank, world_size
+        # [epoch, start_batch] in shared memory: written by the main process before each
+        # epoch, read by (possibly persistent) workers when they start iterating.
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    # -- epochs --------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's RNG streams; ``start_batch`` > 0 resumes mid-epoch (the
+        remaining ``batches_per_epoch - start_batch`` batches come from fresh streams
+        seeded with it, so resumed runs keep equal steps per epoch)."""
+        if epoch < 0 or start_batch < 0:
+            raise ValueError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
+        if self.batches_per_epoch is not None and start_batch > self.batches_per_epoch:
+            raise ValueError(f"start_batch={start_batch} > batches_per_epoch={self.batches_per_epoch}")
+        self._position[0], self._position[1] = epoch, start_batch
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank; only defined for resampled epochs."""
+        if not self.resampled or self.batches_per_epoch is None:
+            raise TypeError("length is only known with resampled=True and batches_per_epoch set")
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, start_batch = (int(v) for v in self._position.tolist())
+        return self.iterate(worker=worker, num_workers=num_workers, epoch=epoch, start_batch=start_batch)
+
+    def worker_batches(self, worker: int, num_workers: int, start_batch: int = 0) -> int | None:
+        """This worker's share of the rank's epoch (exact split; None = unbounded)."""
+        if not self.resampled or self.batches_per_epoch is None:
+            return None
+        remaining = self.batches_per_epoch - start_batch
+        return remaining // num_workers + (1 if worker < remaining % num_workers else 0)
+
+    # -- the stream ----------------------------------------------------------------
+
+    def iterate(self, *, worker: int = 0, num_workers: int = 1, epoch: int = 0, start_batch: int = 0) -> Iterator[dict]:
+        """The batches of one stream (rank ``self.rank``, worker ``worker``); public so
+        tests and tools can simulate any rank/worker without processes."""
+        shard_ss, shuffle_ss, frame_ss = np.random.SeedSequence(
+            [self.seed, self.rank, worker, epoch, start_batch]
+        ).spawn(3)
+        counter = _SkipCounter()
+        limit = self.worker_batches(worker, num_workers, start_batch)
+        if limit == 0:
+            return
+        if self.resampled:
+            health = _Health(len(self.shards), counter)
+            urls = self._resampled_urls(np.random.default_rng(shard_ss))
+        else:
+            health = None
+            stream, num_streams = self.rank * num_workers + worker, self.world_size * num_workers
+            assigned = self.shards[stream::num_streams]
+            if not assigned:
+                log.info("vidgen.data: %d shard(s) for %d streams; stream %d has none", len(self.shards), num_streams, stream)
+                return
+            urls = iter(assigned)
+
+        samples = self._samples(urls, counter, health)
+        if not self.deterministic and self.shuffle_buffer > 1:
+            samples = _shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
+        batches = self._batches(samples, counter, health, np.random.default_rng(frame_ss))
+
+        emitted = 0
+        for batch in batches:
+            yield batch
+            emitted += 1
+            if limit is not None and emitted >= limit:
+                return
+        if emitted == 0:
+            log.warning(
+                "vidgen.data: rank %d worker %d produced no batch from %d shard(s); skipped: %s",
+                self.rank, worker, len(self.shards), counter.counts,
+            )
+
+    def _resampled_urls(self, rng: np.random.Generator) -> Iterator[str]:
+        while True:
+            yield self.shards[int(rng.integers(len(self.shards)))]
+
+    def _samples(self, urls: Iterator[str], counter: _SkipCounter, health: _Health | None) -> Iterator[_Sample]:
+        """Validated, bucketed, still-encoded samples from a sequence of shards."""
+        for url in urls:
+            for raw in self._read_shard(url, counter, health):
+                sample = self._validate(raw, url, counter)
+                if sample is not None:
+                    yield sample
+                elif health is not None:
+                    health.fail(url)
+
+    def _read_shard(self, url: str, counter: _SkipCounter, health: _Health | None) -> Iterator[dict]:
+        """Raw samples ``{__key__, mp4, txt, json}`` of one shard; errors are counted."""
+        shard_errors: list[Exception] = []
+
+        def on_shard_error(exn: Exception) -> bool:
+            shard_errors.append(exn)
+            return False  # a broken tar stream cannot be resynchronised: end this shard
+
+        def on_sample_error(exn: Exception) -> bool:
+            counter.add("bad_sample", url, exn)
+            return True  # keep the rest of the shard
+
+        try:
+            stream = gopen(url, "rb")
+        except Exception as exn:  # noqa: BLE001 - any open failure is the same skip
+            counter.add("unreadable_shard", url, exn)
+            if health is not None:
+                health.fail(url)
+            return
+        with contextlib.closing(stream):
+            files = tar_file_expander([dict(url=url, stream=stream)], handler=on_shard_error)
+            n = 0
+            for raw in group_by_keys(files, handler=on_sample_error):
+                n += 1
+                yield raw
+        if shard_errors:
+            counter.add("unreadable_shard", url, f"tar stream broken after {n} sample(s): {shard_errors[0]}")
+            if health is not None:
+                health.fail(url)
+
+    def _validate(self, raw: dict, url: str, counter: _SkipCounter) -> _Sample | None:
+        """Check members and metadata, pick the bucket (no decoding)."""
+        key = raw.get("__key__", "?")
+        where = f"{url}:{key}"
+        if "mp4" not in raw:
+            counter.add("missing_video", where, f"members present: {sorted(k for k in raw if not k.startswith('__'))}")
+            return None
+        try:
+            caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
+        except UnicodeDecodeError as exn:
+            counter.add("bad_sample", where, f"caption is not UTF-8: {exn}")
+            return None
+        if not caption:
+            counter.add("no_caption", where, "missing or empty .txt")
+            return None
+        try:
+            meta = json.loads(raw["json"])
+            if not isinstance(meta, dict) or any(k not in meta for k in REQUIRED_META):
+                raise ValueError(f"need keys {list(REQUIRED_META)}")
+            if not (meta["num_frames"] > 0 and meta["fps"] > 0 and meta["height"] > 0 and meta["width"] > 0):
+                raise ValueError("num_frames, fps, height, width must be > 0")
+        except (KeyError, ValueError, TypeError) as exn:
+            counter.add("bad_meta", where, exn)
+            return None
+        bucket = assign_bucket(meta, self.buckets, self._stride(meta))
+        if bucket is None:
+            smallest = min(b.frames for b in self.buckets)
+            counter.add(
+                "too_short", where,
+                f"{meta['num_frames']} frames; smallest bucket needs {smallest} at stride {self._stride(meta):g}",
+            )
+            return None
+        return _Sample(key, url, raw["mp4"], caption, meta, bucket)
+
+    def _stride(self, meta: dict) -> float:
+        return meta["fps"] / self.target_fps if self.target_fps is not None else self.frame_stride
+
+    def _decode_into(self, s: _Sample, rng: np.random.Generator, out: torch.Tensor) -> list[int]:
+        """Decode the sample's clip into ``out`` ([3, T, H, W], in [-1, 1]); -> frame indices."""
+        if self.target_fps is not None:
+            spacing = dict(target_fps=self.target_fps, fps=s.meta["fps"])
+        else:
+            spacing = dict(stride=self.frame_stride)
+        frames, indices = decode_clip(
+            s.mp4, s.bucket.frames, rng=None if self.deterministic else rng, **spacing
+        )
+        resize_crop(frames, s.bucket.height, s.bucket.width, out=out)
+        return indices
+
+    def _batches(
+        self, samples: Iterator[_Sample], counter: _SkipCounter, health: _Health | None, rng: np.random.Generator
+    ) -> Iterator[dict]:
+        """Decode and group by bucket; a bucket is emitted when it has batch_size clips."""
+        pending: dict[Bucket, _Group] = {}
+        for s in samples:
+            group = pending.get(s.bucket)
+            if group is None:
+                group = pending[s.bucket] = _Group(s.bucket, self.batch_size)
+            try:
+                # Clips go straight into their slot of the batch tensor: no stacking copy.
+                indices = self._decode_into(s, rng, group.video[len(group.samples)])
+            except VideoTooShortError as exn:  # the real video is shorter than its JSON says
+                counter.add("too_short", f"{s.url}:{s.key}", exn)
+                ok = False
+            except Exception as exn:  # noqa: BLE001 - decord raises several types
+                counter.add("decode_error", f"{s.url}:{s.key}", f"{type(exn).__name__}: {exn}")
+                ok = False
+            else:
+                ok = True
+            if not ok:
+                if health is not None:
+                    health.fail(s.url)
+                continue
+            if health is not None:
+                health.ok()
+            group.samples.append(s)
+            group.indices.append(indices)
+            if len(group.samples) == self.batch_size:
+                yield pending.pop(s.bucket).collate(counter)
+        # Finite (validation) streams keep every sample: flush partial batches in a
+        # fixed order. Resampled streams never get here before their limit.
+        for bucket in sorted(pending):
+            if pending[bucket].samples:
+                yield pending[bucket].collate(counter)
+
+
+class _Group:
+    """A batch being filled for one bucket: clips are decoded into ``video`` in place."""
+
+    def __init__(self, bucket: Bucket, batch_size: int):
+        self.video = torch.empty((batch_size, 3, bucket.frames, bucket.height, bucket.width))
+        self.bucket = bucket
+        self.samples: list[_Sample] = []
+        self.indices: list[list[int]] = []
+
+    def collate(self, counter: _SkipCounter) -> dict:
+        n = len(self.samples)
+        skipped = counter.take()
+        return dict(
+            # A partial (last) batch is copied so it does not carry the unused slots.
+            video=self.video if n == len(self.video) else self.video[:n].clone(),
+            caption=[s.caption for s in self.samples],
+            key=[s.key for s in self.samples],
+            meta=[
+                dict(s.meta, frame_indices=indices, bucket=str(self.bucket), shard=s.url)
+                for s, indices in zip(self.samples, self.indices)
+            ],
+            num_skipped=torch.tensor(sum(skipped.values()), dtype=torch.int64),
+            skipped=skipped,
+        )
+
+
+def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Streaming shuffle with a buffer of ``size`` items (WebDataset-style)."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def build_video_dataset(
+    shards: str | Sequence[str],
+    *,
+    mode: str = "video",
+    num_frames: int = 17,
+    height: int = 64,
+    width: int = 64,
+    buckets: str | Sequence | None = None,
+    frame_stride: float = 1,
+    target_fps: float | None = None,
+    batch_size: int = 2,
+    shuffle_buffer: int = 100,
+    resampled: bool = True,
+    batches_per_epoch: int | None = None,
+    seed: int = 0,
+    deterministic: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> VideoShardDataset:
+    """Build the bucketed video stream (see the module docstring and VideoShardDataset).
+
+    Args:
+        shards: pattern(s) for ``expand_shards`` (brace ranges, globs, dirs, lists).
+        mode: "video" (clips of ``num_frames``) or "image" (one random frame, T=1).
+        num_frames, height, width: the single bucket used when ``buckets`` is None.
+        buckets: e.g. ``["17x64x64", "9x64x112"]``; in image mode only H, W count.
+        frame_stride: source frames between clip frames; or give ``target_fps``.
+        batch_size: clips per batch (batches never mix buckets).
+        shuffle_buffer: raw samples held for shuffling (resampled, non-deterministic).
+        resampled: infinite shard resampling (training) vs each shard once (validation).
+        batches_per_epoch: batches per rank per epoch (resampled only); None = endless.
+        seed: base of every RNG stream (with rank, worker, epoch).
+        deterministic: centred clips and no shuffle even when resampled.
+        rank, world_size: override torch.distributed / env RANK, WORLD_SIZE.
+    """
+    if mode not in ("video", "image"):
+        raise ValueError(f"mode must be 'video' or 'image', got {mode!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if target_fps is not None and frame_stride != 1:
+        raise ValueError(f"give frame_stride ({frame_stride}) or target_fps ({target_fps}), not both")
+    if target_fps is not None and target_fps <= 0:
+        raise ValueError(f"target_fps must be > 0, got {target_fps}")
+    if frame_stride <= 0:
+        raise ValueError(f"frame_stride must be > 0, got {frame_stride}")
+    if batches_per_epoch is not None:
+        if not resampled:
+            raise ValueError("batches_per_epoch only applies to resampled=True (a finite pass has its own length)")
+        if batches_per_epoch < 1:
+            raise ValueError(f"batches_per_epoch must be >= 1 or None, got {batches_per_epoch}")
+
+    bucket_list = parse_buckets(buckets) if buckets is not None else [Bucket(num_frames, height, width)]
+    if mode == "image":
+        # One frame per sample: keep each distinct spatial shape once.
+        bucket_list = list(dict.fromkeys(Bucket(1, b.height, b.width) for b in bucket_list))
+
+    env_rank, env_world = _dist_rank_world()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+    return VideoShardDataset(
+        expand_shards(shards),
+        mode=mode,
+        buckets=bucket_list,
+        frame_stride=frame_stride,
+        target_fps=target_fps,
+        batch_size=batch_size,
+        shuffle_buffer=shuffle_buffer,
+        resampled=resampled,
+        batches_per_epoch=batches_per_epoch,
+        seed=seed,
+        deterministic=deterministic,
+        rank=rank,
+        world_size=world_size,
+    )

@@ -1,0 +1,474 @@
+"""LightningModule for DiT training: thin glue around `WanDiT`, rectified flow and packing.
+
+    python train.py experiment=dit/stage1 data.train.shards='latents/256px/{00000..00999}.tar'
+    python train.py experiment=dit/stage2 model.init_from=outputs/dit_stage1/<run>
+    python train.py experiment=dit/stage1 trainer=fsdp2 trainer.devices=8      # FSDP2
+
+Two data modes, chosen by the data config:
+
+- ``data=latents`` (LatentDataModule): batches ``{"packed": PackedBatch}`` of precomputed,
+  normalised latents with their text embeddings, packed to a token budget in the workers.
+- ``data=video`` + ``model.vae_path=<VAE>``: batches of raw clips; the module holds a frozen
+  VAE and text encoder (not part of the state dict, never trained), encodes each batch
+  (caption dropout ``cfg_dropout`` for guidance), and packs it with the same
+  ``pack_samples`` into sequences of at most ``max_tokens`` tokens.
+
+Training step (manual optimisation, one optimizer step per batch): for each packed sample
+draw t (logit-normal or uniform; shifted per sample from its token count with
+``resolution_shift`` when ``flow.resolution_shift`` is on) and eps, form x_t = (1-t) x0 + t eps,
+predict the velocity with ``forward_packed`` and take ``flow_loss`` (per-sample mean, then mean
+over the samples of the batch). Noise and timesteps come from a generator seeded with
+(seed, rank, step), so a resumed run draws exactly what the uninterrupted one drew. A step
+whose gradient norm is not finite is skipped on every rank and counted; more than
+``max_consecutive_nonfinite`` in a row stop the run.
+
+Validation: the flow loss at fixed timesteps (``val.timesteps``) with fixed noise, and, on the
+first validation batch, samples for its first ``val.num_samples`` captions with fixed seeds
+(flow Euler/Heun + CFG) shown under the real clips (decoded with the VAE when ``vae_path`` is
+set, else the first latent channels) in ``<run>/samples/``. At the end of training the DiT
+(EMA weights when EMA is on) is exported to ``<run>/dit/`` with ``pipeline.json`` naming the
+VAE and text encoder, which is all ``python -m vidgen.sample ckpt=<run>`` needs.
+
+FSDP2: under Lightning's ``ModelParallelStrategy`` (``trainer=fsdp2``) ``configure_model`` shards
+every block, then the root, over all ranks (``fully_shard``); EMA shadows are sharded like
+the parameters and gathered one tensor at a time for checkpoints and the export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from vidgen.diffusion import flow_loss, interpolate, resolution_shift, sample_timesteps
+from vidgen.lit.vae import warmup_lambda
+from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_efficiency
+from vidgen.models.dit.packing import PackedBatch
+from vidgen.sample import PIPELINE_NAME, generate_latents, sampling_shift
+from vidgen.utils.ema import EMA
+from vidgen.utils.guards import NonFiniteGuard
+from vidgen.utils.logging import log_video_grid
+
+
+def build_dit(size: str | None, dit: dict) -> WanDiT:
+    """A WanDiT from a preset (``size``) plus keyword overrides; None values mean "preset's"."""
+    kwargs = {k: v for k, v in dict(dit).items() if v is not None}
+    return build_wan_dit(size, **kwargs) if size else WanDiT(**kwargs)
+
+
+def load_dit(path: str | os.PathLike, prefer_ema: bool = True) -> WanDiT:
+    """A DiT from a ``save_pretrained`` folder, a run folder (its ``dit/``) or a Lightning ``.ckpt``."""
+    path = Path(path)
+    if path.is_dir() and (path / "dit" / "config.json").is_file():
+        path = path / "dit"
+    if path.is_dir():
+        return WanDiT.from_pretrained(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"DiT checkpoint {path} does not exist: give a save_pretrained folder (config.json + "
+            "model.safetensors), a run folder with dit/, or a .ckpt file"
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters", {})
+    if "dit" not in hp:
+        raise ValueError(f"{path} is not a vidgen DiT checkpoint (no hyper_parameters.dit)")
+    with torch.device("meta"):
+        model = build_dit(hp.get("size"), hp["dit"])
+    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("dit.")}
+    ema = ckpt.get("vidgen", {}).get("ema")
+    if prefer_ema and ema:
+        state.update({k: v.to(state[k].dtype) for k, v in ema["shadow"].items() if k in state})
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _gathered(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+    """Full CPU copies of (possibly sharded) tensors, one at a time; {} where not ``keep``.
+
+    Every rank must call this (``full_tensor`` is a collective) in the same order.
+    """
+    out = {}
+    for name, t in tensors.items():
+        full = t.full_tensor() if _is_dtensor(t) else t
+        if keep:
+            out[name] = full.detach().cpu().clone()
+    return out
+
+
+class DiTModule(L.LightningModule):
+    """Train a `WanDiT` with rectified flow on packed latents.
+
+    size: WAN_PRESETS key (tiny | 1.3B | 14B) or None. dit: WanDiT kwargs (None = preset's).
+    flow: timestep_mode, logit_mean, logit_std, shift, resolution_shift (bool) and its anchors
+        base_tokens, base_shift, max_tokens, max_shift.
+    optim: lr, betas, weight_decay, warmup_steps, grad_clip. ema: {decay, warmup_steps} or None.
+    init_from: an earlier stage's DiT (run folder, dit/ folder or .ckpt) to start from.
+    vae_path: VAE for on-the-fly encoding (data=video) and for decoding validation samples.
+    text_encoder: encoder for on-the-fly mode (latent shards carry their own embeddings).
+    cfg_dropout, max_tokens: caption dropout and packing budget of the on-the-fly mode.
+    val: num_samples, steps, solver, cfg_scale, timesteps (fixed validation loss times).
+    fsdp: param_dtype (None | "bfloat16"), reduce_dtype, reshard_after_forward (FSDP2 only).
+    """
+
+    def __init__(
+        self,
+        dit: dict,
+        flow: dict,
+        optim: dict,
+        size: str | None = None,
+        ema: dict | None = None,
+        init_from: str | None = None,
+        require_init_from: bool = False,
+        vae_path: str | None = None,
+        text_encoder: str = "minilm",
+        cfg_dropout: float = 0.1,
+        max_tokens: int | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        fsdp: dict | None = None,
+        max_consecutive_nonfinite: int = 20,
+        val: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if require_init_from and not init_from:
+            raise ValueError(
+                "this stage continues from the previous stage's DiT: set model.init_from=<run "
+                "folder of the previous stage | its dit/ folder | a .ckpt>"
+            )
+        self.dit = build_dit(size, dit)
+        if init_from:
+            src = load_dit(init_from)
+            if src.config != self.dit.config:
+                diff = {k: (v, self.dit.config.get(k)) for k, v in src.config.items()
+                        if self.dit.config.get(k) != v}
+                raise ValueError(f"init_from={init_from}: its DiT differs from this model's "
+                                 f"config as (theirs, ours): {diff}")
+            self.dit.load_state_dict(src.state_dict())
+        self.dit.gradient_checkpointing = activation_checkpointing
+        self.flow = dict(flow)
+        self.val_cfg = {"num_samples": 2, "steps": 20, "solver": "euler", "cfg_scale": 5.0,
+                        "timesteps": [0.1, 0.3, 0.5, 0.7, 0.9], **dict(val or {})}
+        self.guard = NonFiniteGuard(max_consecutive=max_consecutive_nonfinite,
+                                    knob="model.max_consecutive_nonfinite")
+        self.ema: EMA | None = None  # built in on_fit_start, once sharded and on its device
+        self._pending_ema: dict | None = None
+        self.steps_done = 0
+        self.skipped_samples = 0
+        self._frozen: dict[str, Any] = {}  # frozen VAE / text encoder: kept out of the state dict
+        self._empty_text: torch.Tensor | None = None
+        self._pipeline: dict = {}
+        self._configured = False
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        """Check the data against the model and note the VAE / text encoder for the export."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        info = getattr(dm, "info", None)
+        cfg = self.dit.config
+        if info is not None:  # precomputed latents
+            checks = [("dit.in_channels", cfg["in_channels"], info["vae_config"]["z_dim"], "latent channels"),
+                      ("dit.text_dim", cfg["text_dim"], info["text_dim"], f"{info['text_encoder']} text width"),
+                      ("dit.patch_size", list(cfg["patch_size"]), list(dm.patch_size), "data.patch_size")]
+            for knob, ours, theirs, what in checks:
+                if ours != theirs:
+                    raise ValueError(f"model.{knob}={ours} but the latents in {info['folder']} have "
+                                     f"{what} {theirs}: set model.{knob}={theirs}")
+            self._empty_text = dm.empty_text
+            vae = os.path.abspath(self.hparams.vae_path) if self.hparams.vae_path else info["vae"]
+            self._pipeline = dict(vae=vae, text_encoder=info["text_encoder"], text_dim=info["text_dim"],
+                                  latents=info["folder"])
+        else:  # raw video, encoded here
+            if not self.hparams.vae_path:
+                raise ValueError("training from video shards (data=video) encodes on the fly: set "
+                                 "model.vae_path=<VAE folder | run folder> (or use data=latents)")
+            self._pipeline = dict(vae=os.path.abspath(self.hparams.vae_path),
+                                  text_encoder=self.hparams.text_encoder, text_dim=cfg["text_dim"])
+        self._pipeline.update(latent_channels=cfg["in_channels"], patch_size=list(cfg["patch_size"]),
+                              flow=self.flow)
+
+    def configure_model(self) -> None:
+        """torch.compile per block (optional) and FSDP2 sharding under ModelParallelStrategy."""
+        if self._configured:
+            return
+        self._configured = True
+        if self.hparams.compile:
+            for block in self.dit.blocks:  # per block: names (and checkpoints) stay unchanged
+                block.compile(dynamic=True)
+        if self.device_mesh is None:
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # Pure data parallelism over every rank, whatever 2D mesh the strategy made.
+        world = torch.distributed.get_world_size()
+        mesh = init_device_mesh(self.device_mesh.device_type, (world,), mesh_dim_names=("dp",))
+        f = {"param_dtype": None, "reduce_dtype": None, "reshard_after_forward": True,
+             **dict(self.hparams.fsdp or {})}
+        dtype = lambda name: getattr(torch, name) if name else None  # noqa: E731
+        mp = MixedPrecisionPolicy(param_dtype=dtype(f["param_dtype"]), reduce_dtype=dtype(f["reduce_dtype"]))
+        for block in self.dit.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=f["reshard_after_forward"])
+        fully_shard(self.dit, mesh=mesh, mp_policy=mp, reshard_after_forward=f["reshard_after_forward"])
+
+    def on_fit_start(self) -> None:
+        if self.hparams.ema and self.ema is None:
+            self.ema = EMA(self.dit, **dict(self.hparams.ema))
+            if self._pending_ema is not None:
+                self._load_ema(self._pending_ema)
+                self._pending_ema = None
+
+    # ---------------------------------------------------------------- frozen helpers
+    def _vae(self):
+        if "vae" not in self._frozen:
+            from vidgen.lit.vae import load_vae
+
+            self._frozen["vae"] = load_vae(self.hparams.vae_path).eval().requires_grad_(False)
+        return self._frozen["vae"].to(self.device)
+
+    def _text_encoder(self):
+        if "text" not in self._frozen:
+            from vidgen.text import build_text_encoder
+
+            self._frozen["text"] = build_text_encoder(self.hparams.text_encoder, device=self.device)
+        return self._frozen["text"].to(self.device)
+
+    def _empty(self) -> torch.Tensor:
+        if self._empty_text is None:
+            from vidgen.text import trim_padding
+
+            self._empty_text = trim_padding(*self._text_encoder().encode([""]))[0].float()
+        return self._empty_text.to(self.device)
+
+    def _generator(self, *key: int) -> torch.Generator:
+        """A generator on this device seeded by (seed, rank, *key): reproducible across resumes."""
+        seed = np.random.SeedSequence([self.hparams.seed, self.global_rank, *key]).generate_state(1)[0]
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    # ---------------------------------------------------------------- batches
+    @torch.no_grad()
+    def _packs(self, batch: dict, train: bool) -> list[PackedBatch]:
+        """The batch as packed sequences (latent mode: as loaded; video mode: encoded here)."""
+        if "packed" in batch:
+            return [batch["packed"]]
+        if "video" not in batch:
+            raise ValueError(f"a DiT batch holds 'packed' (data=latents) or 'video' (data=video), got {sorted(batch)}")
+        from vidgen.text import drop_captions, trim_padding
+
+        vae = self._vae()
+        mu, _ = vae.encode(batch["video"])
+        z = vae.normalize(mu).float()
+        captions = list(batch["caption"])
+        if train and self.hparams.cfg_dropout > 0:
+            gen = torch.Generator().manual_seed(int(self._generator(self.steps_done, 2).initial_seed()))
+            captions = drop_captions(captions, self.hparams.cfg_dropout, gen)
+        texts = trim_padding(*self._text_encoder().encode(captions))
+        samples = [dict(latent=z[i], context=texts[i].float(), key=batch["key"][i], caption=captions[i])
+                   for i in range(len(z))]
+        budget = self.hparams.max_tokens or sum(
+            math.prod(n // p for n, p in zip(z.shape[2:], self.dit.patch_size)) for _ in samples)
+        return pack_samples(samples, self.dit.patch_size, budget)
+
+    def _pack_loss(self, p: PackedBatch, gen: torch.Generator, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-matching loss of one packed sequence (t: [S] fixed times, else sampled)."""
+        if t is None:
+            f = self.flow
+            shift = f.get("shift", 1.0)
+            if f.get("resolution_shift"):
+                shift = resolution_shift([math.prod(g) for g in p.grids], f["base_tokens"],
+                                         f["base_shift"], f["max_tokens"], f["max_shift"])
+            t = sample_timesteps(p.num_samples, f["timestep_mode"], f.get("logit_mean", 0.0),
+                                 f.get("logit_std", 1.0), shift, generator=gen, device=self.device)
+        x0 = p.x.float()
+        eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+        x_t = interpolate(x0, eps, p.per_token(t))
+        pred = self.dit.forward_packed(replace(p, x=x_t, t=t))
+        return flow_loss(pred, p.unpack(x0), p.unpack(eps), p.weight)
+
+    # ---------------------------------------------------------------- training
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        opt = torch.optim.AdamW(self.dit.parameters(), lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))),
+                                weight_decay=o.get("weight_decay", 0.0))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(o.get("warmup_steps", 0)))
+        return [opt], [sched]
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the DiT's gradients (all-reduced under FSDP); non-finite if any is."""
+        grads = [p.grad for p in self.dit.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        return norm.full_tensor() if _is_dtensor(norm) else norm
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        packs = self._packs(batch, train=True)
+        self.skipped_samples += int(batch.get("num_skipped", 0))
+        gen = self._generator(self.steps_done, 1)
+        total = sum(p.num_samples for p in packs)
+        loss = sum(self._pack_loss(p, gen) * p.num_samples for p in packs) / total
+
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        norm = self._grad_norm()
+        if self.guard.check(norm, "loss", self.global_step):
+            clip = self.hparams.optim.get("grad_clip")
+            if clip:
+                params = [p for p in self.dit.parameters() if p.grad is not None]
+                torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+            opt.step()
+            sched.step()
+            if self.ema is not None:
+                self.ema.update(self.dit, self.steps_done)
+        else:
+            opt.zero_grad(set_to_none=True)
+        self.steps_done += 1
+
+        log = dict(batch_size=total, sync_dist=False)
+        self.log("train/loss", loss.detach(), prog_bar=True, **log)
+        self.log("train/grad_norm", norm.detach().float(), **log)
+        self.log("train/packing_efficiency", packing_efficiency(packs), prog_bar=True, **log)
+        self.log("train/tokens", float(sum(p.num_tokens for p in packs)), **log)
+        self.log("train/samples", float(total), **log)
+        self.log("train/max_tokens", float(packs[0].budget), **log)
+        self.log("train/stage", float(batch.get("stage", 0)), **log)
+        self.log("train/nonfinite", float(self.guard.total_nonfinite), **log)
+        self.log("data/skipped", float(self.skipped_samples), **log)
+        self.log("lr", opt.param_groups[0]["lr"], **log)
+
+    # ---------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._ema_ctx = self.ema.swap_into(self.dit) if self.ema is not None else None
+        if self._ema_ctx is not None:
+            self._ema_ctx.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        if self._ema_ctx is not None:
+            self._ema_ctx.__exit__(None, None, None)
+            self._ema_ctx = None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        packs = self._packs(batch, train=False)
+        total = sum(p.num_samples for p in packs)
+        per_t = []
+        for t in self.val_cfg["timesteps"]:
+            gen = self._generator(10**6 + batch_idx, int(round(t * 1000)))  # fixed noise per (batch, t)
+            loss = sum(self._pack_loss(p, gen, torch.full((p.num_samples,), float(t), device=self.device))
+                       * p.num_samples for p in packs) / total
+            self.log(f"val/loss_t{t:.2f}", loss, sync_dist=True, batch_size=total)
+            per_t.append(loss)
+        self.log("val/loss", torch.stack(per_t).mean(), prog_bar=True, sync_dist=True, batch_size=total)
+        if batch_idx == 0 and self.val_cfg["num_samples"] > 0:
+            self._sample_and_log(packs[0])
+
+    def _sample_and_log(self, p: PackedBatch) -> None:
+        """Generate the first captions of ``p`` with fixed seeds; save them under the real clips.
+
+        Every rank generates (a sharded model needs every rank in each forward); rank 0 writes.
+        """
+        v = self.val_cfg
+        n = min(v["num_samples"], p.num_samples)
+        x0 = p.unpack(p.x.float())
+        bounds = p.cu_seqlens_ctx.tolist()
+        fakes = []
+        for i in range(n):
+            shift = sampling_shift(self.flow, math.prod(p.grids[i]))
+            text = p.context[bounds[i]: bounds[i + 1]].float()
+            fakes.append(generate_latents(self.dit, [text], self._empty(), x0[i].shape, steps=v["steps"],
+                                          solver=v["solver"], cfg_scale=v["cfg_scale"], shift=shift,
+                                          seed=self.hparams.seed + i)[0])
+        if not self.trainer.is_global_zero:
+            return
+        reals = [self._to_pixels(x) for x in x0[:n]]
+        fakes = [self._to_pixels(z) for z in fakes]
+        path = log_video_grid(self.trainer, "val/samples", reals, fakes, self.global_step)
+        captions = [m.get("caption", "") for m in p.meta[:n]]
+        path.with_suffix(".txt").write_text("".join(f"{i}: {c}\n" for i, c in enumerate(captions)))
+
+    @torch.no_grad()
+    def _to_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latent [C, T, h, w] -> [3, T', H, W] in [-1, 1]: VAE decode, else channels."""
+        if self.hparams.vae_path:
+            vae = self._vae()
+            with torch.autocast(self.device.type, enabled=False):
+                return vae.decode(vae.denormalize(z[None].float()))[0].float().cpu()
+        z = z.float().cpu()
+        return (z[:3] if z.shape[0] >= 3 else z[:1]).div(2).clamp(-1, 1)  # ~N(0,1) -> [-1, 1]
+
+    # ---------------------------------------------------------------- checkpoints
+    def _ema_state(self) -> dict | None:
+        if self.ema is None:
+            return None
+        state = self.ema.state_dict()
+        keep = self.trainer.is_global_zero
+        return dict(state, shadow=_gathered(state["shadow"], keep), buffers=_gathered(state["buffers"], keep))
+
+    def _load_ema(self, state: dict) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        def like(mine: dict, theirs: dict) -> dict:
+            return {k: distribute_tensor(v.to(mine[k].device), mine[k].device_mesh, mine[k].placements)
+                    if _is_dtensor(mine.get(k)) else v for k, v in theirs.items()}
+
+        self.ema.load_state_dict(dict(state, shadow=like(self.ema.shadow, state["shadow"]),
+                                      buffers=like(self.ema.buffers, state["buffers"])))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vidgen"] = {
+            "ema": self._ema_state(),
+            "guard": self.guard.state_dict(),
+            "steps_done": self.steps_done,
+            "skipped_samples": self.skipped_samples,
+            "pipeline": self._pipeline,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("vidgen", {})
+        if extra.get("ema") and self.hparams.ema:
+            if self.ema is not None:
+                self._load_ema(extra["ema"])
+            else:
+                self._pending_ema = extra["ema"]
+        if "guard" in extra:
+            self.guard.load_state_dict(extra["guard"])
+        self.steps_done = extra.get("steps_done", 0)
+        self.skipped_samples = extra.get("skipped_samples", 0)
+
+    def on_train_end(self) -> None:
+        """Export ``<run_dir>/dit/`` (EMA weights when kept) and ``pipeline.json``."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        rank0 = self.trainer.is_global_zero
+        if self.device_mesh is not None:
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(self.dit, options=opts)  # collective; full on rank 0
+        else:
+            state = self.dit.state_dict()
+        if self.ema is not None:
+            state.update(_gathered(self.ema.shadow, rank0))
+        if not rank0:
+            return
+        with torch.device("meta"):
+            model = WanDiT(**self.dit.config)
+        model.load_state_dict({k: v.detach().cpu().to(state[k].dtype) for k, v in state.items()}, assign=True)
+        out = Path(self.trainer.default_root_dir) / "dit"
+        model.save_pretrained(out)
+        pipeline = dict(self._pipeline, ema=self.ema is not None, steps=self.steps_done,
+                        run=os.path.abspath(self.trainer.default_root_dir))
+        (out / PIPELINE_NAME).write_text(json.dumps(pipeline, indent=2) + "\n")

@@ -1,0 +1,236 @@
+"""Sample videos from a trained DiT: text -> flow ODE in latent space -> VAE decode -> mp4.
+
+    python -m vidgen.sample ckpt=outputs/dit_stage2/<run> prompt="a red circle moves left" \
+        num_frames=17 height=64 width=64 [steps=30 solver=heun cfg_scale=5 seed=0 out=samples/]
+    python -m vidgen.sample ckpt=<run> 'prompt=[a red circle, a blue square]'   # several
+
+``ckpt`` is a DiT run folder (uses its exported ``dit/``), a ``dit/`` folder or a ``.ckpt``;
+the run's ``dit/pipeline.json`` names the VAE and text encoder it was trained with, so
+``vae=`` / ``text_encoder=`` are only needed to override them (or for a ``.ckpt``).
+
+Function API (evaluation uses it)::
+
+    videos = generate(dit, vae, text_encoder, captions, num_frames=17, height=64, width=64,
+                      steps=30, solver="euler", cfg_scale=5.0, seed=0)   # [B, 3, T, H, W] in [-1, 1]
+
+Sample i starts from noise drawn on the CPU with seed ``seed + i``, so a video does not depend
+on the batch it was generated in nor on the device. The unconditional branch of
+classifier-free guidance uses the embedding of ``negative_prompt`` ("" by default: the same
+empty caption the model saw under caption dropout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vidgen.diffusion import SAMPLERS, cfg_model_fn, resolution_shift, timesteps_schedule
+
+PIPELINE_NAME = "pipeline.json"
+
+
+def pad_texts(texts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-caption embeddings [L_i, D] -> context [B, L, D] (zero-padded) and mask [B, L] bool."""
+    length = max(t.shape[0] for t in texts)
+    context = texts[0].new_zeros(len(texts), length, texts[0].shape[1])
+    mask = torch.zeros(len(texts), length, dtype=torch.bool, device=texts[0].device)
+    for i, t in enumerate(texts):
+        context[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = True
+    return context, mask
+
+
+def sampling_shift(flow: dict | None, num_tokens: int) -> float:
+    """The schedule shift matching training: the per-size resolution shift, else the constant one."""
+    flow = flow or {}
+    if flow.get("resolution_shift"):
+        return float(resolution_shift(
+            num_tokens, flow.get("base_tokens", 256), flow.get("base_shift", 1.0),
+            flow.get("max_tokens", 32760), flow.get("max_shift", 5.0),
+        ))
+    return float(flow.get("shift", 1.0))
+
+
+@torch.no_grad()
+def generate_latents(
+    dit,
+    texts: Sequence[Tensor],
+    empty_text: Tensor,
+    latent_shape: Sequence[int],
+    *,
+    steps: int = 30,
+    solver: str = "euler",
+    cfg_scale: float = 5.0,
+    shift: float = 1.0,
+    seed: int = 0,
+) -> Tensor:
+    """Integrate the flow ODE from noise to latents for each caption embedding.
+
+    Args:
+        dit: a WanDiT (or any model_fn(x, t, context, context_mask)).
+        texts: B caption embeddings [L_i, D]; empty_text: [L0, D] for the CFG branch.
+        latent_shape: (C, T, h, w) of every sample (normalised latent space).
+    Returns:
+        [B, C, T, h, w] normalised latents (apply ``vae.denormalize`` before decoding).
+    """
+    if solver not in SAMPLERS:
+        raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SAMPLERS)}")
+    param = next(dit.parameters())
+    device = param.device
+    noise = [
+        torch.randn(tuple(latent_shape), generator=torch.Generator().manual_seed(seed + i))
+        for i in range(len(texts))
+    ]
+    x = torch.stack(noise).to(device)
+    context, mask = pad_texts([t.to(device) for t in texts])
+    uncond = empty_text.to(device)[None].expand(len(texts), -1, -1)
+    model_fn = cfg_model_fn(
+        dit, cond={"context": context, "context_mask": mask}, uncond={"context": uncond},
+        scale=float(cfg_scale),
+    )
+    ts = timesteps_schedule(steps, shift, device=device)
+    return SAMPLERS[solver](model_fn, x, ts).float()
+
+
+def check_latent_grid(latent_shape: Sequence[int], patch_size: Sequence[int], height: int, width: int, vae):
+    """Raise when the latent (t, h, w) is not divisible by the DiT patch (names valid sizes)."""
+    _, t, h, w = latent_shape
+    pt, ph, pw = patch_size
+    s = vae.spatial_compression
+    bad = []
+    if t % pt:
+        bad.append(f"latent frames {t} not a multiple of {pt}")
+    if h % ph or w % pw:
+        bad.append(f"height/width must be multiples of {s * ph}/{s * pw} pixels "
+                   f"(VAE {s}x times patch {ph}x{pw}), got {height}x{width}")
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
+@torch.no_grad()
+def generate(
+    dit,
+    vae,
+    text_encoder,
+    captions: Sequence[str],
+    num_frames: int,
+    height: int,
+    width: int,
+    steps: int = 30,
+    solver: str = "euler",
+    cfg_scale: float = 5.0,
+    seed: int = 0,
+    shift: float | None = None,
+    negative_prompt: str = "",
+    flow: dict | None = None,
+) -> Tensor:
+    """Text to video: [B, 3, num_frames, height, width] in [-1, 1] (float32, on the DiT's device).
+
+    ``num_frames`` must be a length the VAE decodes to (1 + 4k for the Wan VAE; the error
+    names the nearest valid ones), height / width multiples of VAE compression x patch size.
+    ``shift``: schedule shift; None derives it from the training ``flow`` settings (see
+    ``sampling_shift``), 1.0 when those are unknown.
+    """
+    if isinstance(captions, str) or not captions:
+        raise ValueError("captions must be a non-empty list of strings")
+    latent_shape = vae.latent_shape(num_frames, height, width)  # validates the frame count
+    if latent_shape[0] != dit.in_channels:
+        raise ValueError(
+            f"the VAE makes {latent_shape[0]}-channel latents but the DiT expects {dit.in_channels}"
+        )
+    check_latent_grid(latent_shape, dit.patch_size, height, width, vae)
+    if text_encoder.dim != dit.config["text_dim"]:
+        raise ValueError(
+            f"the text encoder gives {text_encoder.dim}-d embeddings, the DiT expects "
+            f"text_dim={dit.config['text_dim']}: use the encoder it was trained with"
+        )
+    from vidgen.text import trim_padding
+
+    emb, mask = text_encoder.encode([*captions, negative_prompt])
+    texts = trim_padding(emb.float(), mask)
+    if shift is None:
+        tokens = math.prod(n // p for n, p in zip(latent_shape[1:], dit.patch_size))
+        shift = sampling_shift(flow, tokens)
+    z = generate_latents(
+        dit, texts[:-1], texts[-1], latent_shape, steps=steps, solver=solver,
+        cfg_scale=cfg_scale, shift=shift, seed=seed,
+    )
+    vae_device = next(vae.parameters()).device
+    video = vae.decode(vae.denormalize(z.to(vae_device)))
+    return video.float().clamp(-1, 1)
+
+
+def to_uint8_frames(video: Tensor) -> "numpy.ndarray":  # noqa: F821
+    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] for write_mp4."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+
+
+def read_pipeline(ckpt: str | os.PathLike) -> dict:
+    """The pipeline.json next to an exported DiT (run folder or dit/ folder), or {} for a .ckpt."""
+    path = Path(ckpt)
+    for candidate in (path / "dit" / PIPELINE_NAME, path / PIPELINE_NAME):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    if path.is_file():
+        ckpt_data = torch.load(path, map_location="cpu", weights_only=False)
+        return dict(ckpt_data.get("vidgen", {}).get("pipeline") or {})
+    return {}
+
+
+def run(cfg) -> list[str]:
+    """The CLI body (cfg: the composed ``configs/sample.yaml``); returns the mp4 paths written."""
+    from vidgen.data.video import write_mp4
+    from vidgen.lit.dit import load_dit
+    from vidgen.lit.vae import load_vae
+    from vidgen.text import build_text_encoder
+
+    pipeline = read_pipeline(cfg.ckpt)
+    vae_path = cfg.vae or pipeline.get("vae")
+    encoder_name = cfg.text_encoder or pipeline.get("text_encoder")
+    if not vae_path:
+        raise ValueError(f"no VAE known for ckpt={cfg.ckpt} (no dit/{PIPELINE_NAME}): pass vae=<VAE folder>")
+    if not encoder_name:
+        raise ValueError(f"no text encoder known for ckpt={cfg.ckpt}: pass text_encoder=minilm|<T5 dir>")
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    prompts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
+    vae = load_vae(vae_path).to(device).eval()
+    dit = load_dit(cfg.ckpt).to(device).eval()
+    text_encoder = build_text_encoder(encoder_name, device=device)
+    videos = generate(
+        dit, vae, text_encoder, prompts, cfg.num_frames, cfg.height, cfg.width, steps=cfg.steps,
+        solver=cfg.solver, cfg_scale=cfg.cfg_scale, seed=cfg.seed, shift=cfg.shift,
+        negative_prompt=cfg.negative_prompt, flow=pipeline.get("flow"),
+    )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (prompt, video) in enumerate(zip(prompts, videos)):
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:48] or "empty"
+        path = out / f"{i:03d}_seed{cfg.seed + i}_{slug}.mp4"
+        write_mp4(to_uint8_frames(video), path, fps=cfg.fps)
+        paths.append(str(path))
+        print(path)
+    return paths
+
+
+def main() -> None:
+    import hydra
+
+    from vidgen.utils.rundir import register_resolvers
+
+    register_resolvers()
+    config_dir = str(Path(__file__).resolve().parents[1] / "configs")
+    hydra.main(version_base="1.3", config_path=config_dir, config_name="sample")(run)()
+
+
+if __name__ == "__main__":
+    main()
