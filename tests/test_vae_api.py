@@ -21,7 +21,9 @@ def test_compression_and_latent_shape(vae):
     assert vae.latent_shape(17, 64, 48) == (4, 5, 8, 6)
     vae2d = WanVAE(**TINY, temporal=False)
     assert vae2d.temporal_compression == 1 and vae2d.latent_shape(10, 16, 16) == (4, 10, 2, 2)
-    assert WanVAE(**{**TINY, "dim_mult": [1, 2]}, temporal_downsample=[True]).latent_shape(5, 4, 4) == (4, 3, 2, 2)
+    assert WanVAE(**{**TINY, "dim_mult": [1, 2]}, temporal_downsample=[True]).latent_shape(
+        5, 4, 4
+    ) == (4, 3, 2, 2)
 
 
 @pytest.mark.parametrize(
@@ -50,11 +52,15 @@ def test_invalid_sizes_and_shapes(vae):
         vae.encode(torch.zeros(1, 3, 1, 20, 16))
     with pytest.raises(ValueError, match=r"width 4 \(nearest 8\)"):
         vae.latent_shape(1, 16, 4)
-    with pytest.raises(ValueError, match=r"expected a video \[B, 3, T, H, W\], got shape \(1, 4, 1, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"expected a video \[B, 3, T, H, W\], got shape \(1, 4, 1, 16, 16\)"
+    ):
         vae.encode(torch.zeros(1, 4, 1, 16, 16))
     with pytest.raises(ValueError, match=r"expected latents \[B, 4, T>=1, h, w\]"):
         vae.decode(torch.zeros(1, 3, 1, 2, 2))
-    with pytest.raises(ValueError, match=r"temporal_downsample needs one flag per downsample.*3 flags; got 2"):
+    with pytest.raises(
+        ValueError, match=r"temporal_downsample needs one flag per downsample.*3 flags; got 2"
+    ):
         WanVAE(**TINY, temporal_downsample=[True, True])
 
 

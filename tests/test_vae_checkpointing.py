@@ -32,7 +32,7 @@ def _loss_and_grads(vae: WanVAE, x: torch.Tensor, chunked: bool):
 @pytest.mark.parametrize("chunked", [False, True])
 def test_checkpointing_gives_the_same_gradients(chunked):
     vae = tiny_vae()
-    x = torch.randn(1, 3, 9, 16, 16)
+    x = torch.randn(1, 3, 5, 16, 16)
     loss_ref, grads_ref = _loss_and_grads(vae, x, chunked)
 
     calls = []
@@ -45,7 +45,7 @@ def test_checkpointing_gives_the_same_gradients(chunked):
     loss_ckpt, grads_ckpt = _loss_and_grads(vae, x, chunked)
     hook.remove()
 
-    decoder_calls = 3 if chunked else 1  # one per latent frame in the chunked path
+    decoder_calls = 2 if chunked else 1  # one per latent frame in the chunked path
     assert len(calls) == 2 * decoder_calls  # forward + recomputation in backward
     torch.testing.assert_close(loss_ckpt, loss_ref, rtol=1e-6, atol=1e-7)
     assert grads_ckpt.keys() == grads_ref.keys()

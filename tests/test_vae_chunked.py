@@ -126,6 +126,9 @@ def test_chunked_cache_holds_a_few_frames_per_layer(vae):
     assert all(isinstance(k, (CausalConv3d, Resample)) for k in cache)
     assert max(v.shape[2] for v in cache.values()) <= 2
     # every temporal layer of the encoder has its own entry
-    expected = [m for m in vae.encoder.modules()
-                if (isinstance(m, CausalConv3d) and m.history) or getattr(m, "mode", "") == "downsample3d"]
+    expected = [
+        m
+        for m in vae.encoder.modules()
+        if (isinstance(m, CausalConv3d) and m.history) or getattr(m, "mode", "") == "downsample3d"
+    ]
     assert set(cache) == set(expected)

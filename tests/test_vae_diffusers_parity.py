@@ -18,7 +18,10 @@ def pair():
         for p in ours.parameters():
             p.add_(0.05 * torch.randn_like(p))
     theirs = diffusers.AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
         temperal_downsample=[False, True, True],
     ).eval()
     # Only our two latent-statistics buffers are extra (diffusers keeps them in its config).
@@ -38,5 +41,7 @@ def test_encode_and_decode_match_diffusers(pair, frames):
             mu, logvar = ours.encode(x, chunked=chunked)
             torch.testing.assert_close(mu, posterior.mean, **TOL)
             torch.testing.assert_close(logvar, posterior.logvar, **TOL)
-            torch.testing.assert_close(ours.decode(posterior.mean, chunked=chunked), reference, **TOL)
+            torch.testing.assert_close(
+                ours.decode(posterior.mean, chunked=chunked), reference, **TOL
+            )
     assert (reference.abs() < 1).float().mean() > 0.5  # the comparison is not all clamped values

@@ -27,7 +27,9 @@ def vae3d(vae2d):
 def test_inflated_model_is_3d_with_same_widths(vae2d, vae3d):
     assert vae3d.temporal and vae3d.temporal_compression == 4
     cfg2, cfg3 = vae2d.config, vae3d.config
-    assert {k: v for k, v in cfg3.items() if k != "temporal"} == {k: v for k, v in cfg2.items() if k != "temporal"}
+    assert {k: v for k, v in cfg3.items() if k != "temporal"} == {
+        k: v for k, v in cfg2.items() if k != "temporal"
+    }
     assert vae3d.encoder.conv_in.weight.shape[2] == 3 and vae2d.encoder.conv_in.weight.shape[2] == 1
     torch.testing.assert_close(vae3d.latents_std, vae2d.latents_std)
     # the 2D kernel sits in the newest tap, the older taps are zero
@@ -64,8 +66,13 @@ def test_temporal_layers_start_as_keep_newest_and_repeat(vae2d, vae3d):
 
 
 def test_overrides_and_device_dtype(vae2d):
-    vae3d = inflate_2d_to_3d(vae2d, temporal_downsample=(True, True, False), dropout=0.1,
-                             latents_mean=[0.0] * 4, base_dim=8)
+    vae3d = inflate_2d_to_3d(
+        vae2d,
+        temporal_downsample=(True, True, False),
+        dropout=0.1,
+        latents_mean=[0.0] * 4,
+        base_dim=8,
+    )
     assert vae3d.config["temporal_downsample"] == [True, True, False]
     assert vae3d.config["dropout"] == 0.1
     assert vae3d.latents_mean.tolist() == [0.0] * 4  # the override wins over the 2D statistics

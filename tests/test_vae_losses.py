@@ -45,8 +45,9 @@ def test_vae_loss_combines_the_terms_with_the_stated_reductions():
     recon = x + 0.1 * torch.randn_like(x)
     mu, logvar = torch.randn(2, 4, 2, 1, 1), 0.1 * torch.randn(2, 4, 2, 1, 1)
     fake_lpips = MeanAbsPerImage()
-    total, logs = vae_loss(x, recon, mu, logvar, l1_weight=3.0, kl_weight=3e-6, lpips_weight=3.0,
-                           lpips_fn=fake_lpips)
+    total, logs = vae_loss(
+        x, recon, mu, logvar, l1_weight=3.0, kl_weight=3e-6, lpips_weight=3.0, lpips_fn=fake_lpips
+    )
     assert fake_lpips.seen == [torch.Size([10, 3, 8, 8])]  # every frame of every clip
 
     pixels = 3 * 5 * 8 * 8
@@ -74,8 +75,10 @@ def test_lpips_on_a_random_frame_subset():
     fake = MeanAbsPerImage()
     all_frames = lpips_loss(x, recon, fake)
     assert all_frames.item() == pytest.approx(1 / 6)
-    values = {lpips_loss(x, recon, fake, frames=2, generator=torch.Generator().manual_seed(s)).item()
-              for s in range(20)}
+    values = {
+        lpips_loss(x, recon, fake, frames=2, generator=torch.Generator().manual_seed(s)).item()
+        for s in range(20)
+    }
     assert values == {0.0, 0.5}  # frame 3 drawn or not, out of 2 scored frames
     assert fake.seen[-1] == torch.Size([4, 3, 4, 4])  # 2 frames x 2 clips
     a = lpips_loss(x, recon, fake, frames=2, generator=torch.Generator().manual_seed(3))
@@ -99,7 +102,9 @@ def test_vae_loss_errors():
     assert total.item() == 0.0 and "lpips" not in logs
 
 
-@pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")  # torchvision, via lpips
+@pytest.mark.filterwarnings(
+    "ignore:.*(pretrained|weight enum).*:UserWarning"
+)  # torchvision, via lpips
 def test_with_the_real_lpips_network():
     from vidgen.losses.lpips import build_lpips
 
@@ -107,12 +112,29 @@ def test_with_the_real_lpips_network():
     torch.manual_seed(0)
     x = torch.rand(1, 3, 2, 64, 64) * 2 - 1
     recon = (x + 0.2 * torch.randn_like(x)).requires_grad_()
-    total, logs = vae_loss(x, recon, torch.zeros(1, 4, 1, 8, 8), torch.zeros(1, 4, 1, 8, 8),
-                           l1_weight=1.0, kl_weight=1e-6, lpips_weight=1.0, lpips_fn=lpips_fn,
-                           lpips_frames=1, generator=torch.Generator().manual_seed(0))
+    total, logs = vae_loss(
+        x,
+        recon,
+        torch.zeros(1, 4, 1, 8, 8),
+        torch.zeros(1, 4, 1, 8, 8),
+        l1_weight=1.0,
+        kl_weight=1e-6,
+        lpips_weight=1.0,
+        lpips_fn=lpips_fn,
+        lpips_frames=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert logs["lpips"] > 0
     total.backward()
     assert recon.grad.abs().sum() > 0
-    _, same = vae_loss(x, x, torch.zeros(1, 4, 1, 8, 8), torch.zeros(1, 4, 1, 8, 8),
-                       l1_weight=1.0, kl_weight=1e-6, lpips_weight=1.0, lpips_fn=lpips_fn)
+    _, same = vae_loss(
+        x,
+        x,
+        torch.zeros(1, 4, 1, 8, 8),
+        torch.zeros(1, 4, 1, 8, 8),
+        l1_weight=1.0,
+        kl_weight=1e-6,
+        lpips_weight=1.0,
+        lpips_fn=lpips_fn,
+    )
     assert same["lpips"].abs() < 1e-6

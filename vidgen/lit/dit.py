@@ -255,10 +255,10 @@ class DiTModule(L.LightningModule):
             self._empty_text = trim_padding(*self._text_encoder().encode([""]))[0].float()
         return self._empty_text.to(self.device)
 
-    def _generator(self, *key: int) -> torch.Generator:
-        """A generator on this device seeded by (seed, rank, *key): reproducible across resumes."""
+    def _generator(self, *key: int, device: torch.device | None = None) -> torch.Generator:
+        """A generator seeded by (seed, rank, *key): the same draws in a resumed run."""
         seed = np.random.SeedSequence([self.hparams.seed, self.global_rank, *key]).generate_state(1)[0]
-        return torch.Generator(device=self.device).manual_seed(int(seed))
+        return torch.Generator(device=device or self.device).manual_seed(int(seed))
 
     # ---------------------------------------------------------------- batches
     @torch.no_grad()
@@ -275,13 +275,14 @@ class DiTModule(L.LightningModule):
         z = vae.normalize(mu).float()
         captions = list(batch["caption"])
         if train and self.hparams.cfg_dropout > 0:
-            gen = torch.Generator().manual_seed(int(self._generator(self.steps_done, 2).initial_seed()))
+            gen = self._generator(self.steps_done, 2, device=torch.device("cpu"))
             captions = drop_captions(captions, self.hparams.cfg_dropout, gen)
         texts = trim_padding(*self._text_encoder().encode(captions))
         samples = [dict(latent=z[i], context=texts[i].float(), key=batch["key"][i], caption=captions[i])
                    for i in range(len(z))]
-        budget = self.hparams.max_tokens or sum(
-            math.prod(n // p for n, p in zip(z.shape[2:], self.dit.patch_size)) for _ in samples)
+        # No budget: the whole batch (clips of one bucket) in one sequence.
+        per_clip = math.prod(n // p for n, p in zip(z.shape[2:], self.dit.patch_size))
+        budget = self.hparams.max_tokens or per_clip * len(samples)
         return pack_samples(samples, self.dit.patch_size, budget)
 
     def _pack_loss(self, p: PackedBatch, gen: torch.Generator, t: torch.Tensor | None = None) -> torch.Tensor:

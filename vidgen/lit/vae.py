@@ -166,9 +166,24 @@ class VAEModule(L.LightningModule):
         clip = self.hparams.optim.get("grad_clip")
         if clip:
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-        opt.step()
+        if opt is self._disc_opt():
+            # The raw optimizer, so that Lightning's global_step (trainer.max_steps, checkpoint
+            # intervals) counts batches in every stage rather than G + D steps.
+            opt.optimizer.step()
+        else:
+            opt.step()
         sched.step()
         return True
+
+    def _disc_opt(self):
+        return self.optimizers()[1] if self.disc is not None else None
+
+    def on_fit_start(self) -> None:
+        if self.disc is not None and str(self.trainer.precision).startswith("16"):
+            raise ValueError(
+                f"trainer.precision={self.trainer.precision} is not supported with the GAN "
+                "(fp16 loss scaling); use bf16-mixed or 32-true"
+            )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["video"]
@@ -180,7 +195,7 @@ class VAEModule(L.LightningModule):
         opt_g, opt_d = (opts, None) if self.disc is None else opts
         sched_g, sched_d = (scheds, None) if self.disc is None else scheds
         lp = self.hparams.loss
-        step = self.steps_done  # batches trained; global_step counts G and D steps apart
+        step = self.steps_done  # batches trained (global_step skips NaN-skipped steps)
         gan_on = self.disc is not None and step >= self.gan.get("start_step", 0)
 
         recon, mu, logvar = self.vae(x, sample_posterior=True, generator=self.noise)
@@ -219,8 +234,7 @@ class VAEModule(L.LightningModule):
                          "logits_fake": logits_fake.mean().detach()})
 
         self.steps_done += 1
-        logs["loss"] = total.detach()
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, sync_dist=False)
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"})
         self.log("train/loss", total.detach(), prog_bar=True)
         self.log("data/skipped", float(self.skipped_samples))
         self.log("lr", opt_g.param_groups[0]["lr"])

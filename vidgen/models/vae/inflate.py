@@ -40,10 +40,14 @@ def inflate_2d_to_3d(vae2d: WanVAE, **overrides) -> WanVAE:
         raise TypeError(f"inflate_2d_to_3d needs a WanVAE, got {type(vae2d).__name__}")
     config = vae2d.config
     if config["temporal"]:
-        raise ValueError("inflate_2d_to_3d needs a 2D model (temporal=False); this one is already 3D")
+        raise ValueError(
+            "inflate_2d_to_3d needs a 2D model (temporal=False); this one is already 3D"
+        )
     unknown = sorted(set(overrides) - set(SHARED_KEYS) - set(OVERRIDABLE_KEYS) - {"temporal"})
     if unknown:
-        raise ValueError(f"unknown WanVAE option(s) {unknown}; inflation accepts {list(OVERRIDABLE_KEYS)}")
+        raise ValueError(
+            f"unknown WanVAE option(s) {unknown}; inflation accepts {list(OVERRIDABLE_KEYS)}"
+        )
     if overrides.get("temporal", True) is not True:
         raise ValueError("inflate_2d_to_3d builds a 3D model; temporal=False cannot be overridden")
     clashes = {
@@ -53,7 +57,9 @@ def inflate_2d_to_3d(vae2d: WanVAE, **overrides) -> WanVAE:
     }
     if clashes:
         detail = ", ".join(f"{k}: 2D has {a}, asked for {b}" for k, (a, b) in clashes.items())
-        raise ValueError(f"the 3D model must keep the 2D model's widths to inherit its weights; {detail}")
+        raise ValueError(
+            f"the 3D model must keep the 2D model's widths to inherit its weights; {detail}"
+        )
 
     config.update(overrides, temporal=True)
     vae3d = WanVAE(**config)
@@ -77,13 +83,17 @@ def inflate_2d_to_3d(vae2d: WanVAE, **overrides) -> WanVAE:
             source = src[name]
             if source.shape == target.shape:
                 target.copy_(source)
-            elif source.dim() == 5 and source.shape[2] == 1 and (
-                source.shape[:2] + source.shape[3:] == target.shape[:2] + target.shape[3:]
+            elif (
+                source.dim() == 5
+                and source.shape[2] == 1
+                and (source.shape[:2] + source.shape[3:] == target.shape[:2] + target.shape[3:])
             ):
                 target.zero_()
                 target[:, :, -1] = source[:, :, 0]  # the newest tap
             else:
-                raise RuntimeError(f"cannot inflate {name}: 2D {tuple(source.shape)} -> 3D {tuple(target.shape)}")
+                raise RuntimeError(
+                    f"cannot inflate {name}: 2D {tuple(source.shape)} -> 3D {tuple(target.shape)}"
+                )
         for module in vae3d.modules():
             if isinstance(module, Resample):
                 module.init_time_identity_()

@@ -65,12 +65,14 @@ class WanVAE(nn.Module):
         latents_std: Sequence[float] | None = None,
     ):
         super().__init__()
-        dim_mult, attn_scales = tuple(int(m) for m in dim_mult), tuple(float(s) for s in attn_scales)
+        dim_mult = tuple(int(m) for m in dim_mult)
+        attn_scales = tuple(float(s) for s in attn_scales)
         temporal_downsample = tuple(bool(t) for t in temporal_downsample)
-        if len(dim_mult) < 1 or min(dim_mult) < 1 or base_dim < 1 or z_dim < 1:
+        if not dim_mult or min(dim_mult) < 1 or min(base_dim, z_dim, num_res_blocks) < 1:
             raise ValueError(
-                f"need base_dim >= 1, z_dim >= 1 and a non-empty dim_mult of positive ints; got "
-                f"base_dim={base_dim}, z_dim={z_dim}, dim_mult={dim_mult}"
+                "need base_dim, z_dim, num_res_blocks >= 1 and a non-empty dim_mult of positive "
+                f"ints; got base_dim={base_dim}, z_dim={z_dim}, num_res_blocks={num_res_blocks}, "
+                f"dim_mult={dim_mult}"
             )
         if len(temporal_downsample) != len(dim_mult) - 1:
             raise ValueError(
@@ -78,18 +80,38 @@ class WanVAE(nn.Module):
                 f"{len(dim_mult) - 1} flags; got {len(temporal_downsample)}: {temporal_downsample}"
             )
         self._config = dict(
-            base_dim=int(base_dim), z_dim=int(z_dim), dim_mult=dim_mult,
-            num_res_blocks=int(num_res_blocks), attn_scales=attn_scales,
-            temporal_downsample=temporal_downsample, dropout=float(dropout),
-            in_channels=int(in_channels), temporal=bool(temporal),
+            base_dim=int(base_dim),
+            z_dim=int(z_dim),
+            dim_mult=dim_mult,
+            num_res_blocks=int(num_res_blocks),
+            attn_scales=attn_scales,
+            temporal_downsample=temporal_downsample,
+            dropout=float(dropout),
+            in_channels=int(in_channels),
+            temporal=bool(temporal),
         )
-        kt = 3 if temporal else 1
-        self.encoder = Encoder(in_channels, base_dim, 2 * z_dim, dim_mult, num_res_blocks,
-                               attn_scales, temporal_downsample, dropout, kt)
+        shared = dict(
+            base_dim=base_dim,
+            dim_mult=dim_mult,
+            num_res_blocks=num_res_blocks,
+            dropout=dropout,
+            kt=3 if temporal else 1,  # the 2D model: temporal kernel size 1 everywhere
+        )
+        self.encoder = Encoder(
+            in_channels=in_channels,
+            out_dim=2 * z_dim,
+            attn_scales=attn_scales,
+            temporal_downsample=temporal_downsample,
+            **shared,
+        )
         self.quant_conv = CausalConv3d(2 * z_dim, 2 * z_dim, (1, 1, 1))
         self.post_quant_conv = CausalConv3d(z_dim, z_dim, (1, 1, 1))
-        self.decoder = Decoder(z_dim, base_dim, in_channels, dim_mult, num_res_blocks,
-                               temporal_downsample[::-1], dropout, kt)
+        self.decoder = Decoder(
+            z_dim=z_dim,
+            out_channels=in_channels,
+            temporal_upsample=temporal_downsample[::-1],
+            **shared,
+        )
         self.register_buffer("latents_mean", torch.zeros(z_dim))
         self.register_buffer("latents_std", torch.ones(z_dim))
         if latents_mean is not None or latents_std is not None:
@@ -141,19 +163,27 @@ class WanVAE(nn.Module):
         s = self.spatial_compression
         bad = [(n, v) for n, v in (("height", height), ("width", width)) if v < s or v % s]
         if bad:
+
             def nearest(v):
                 return " or ".join(str(m) for m in sorted({max(s, v // s * s), v // s * s + s}))
 
             hints = ", ".join(f"{n} {v} (nearest {nearest(v)})" for n, v in bad)
-            raise ValueError(f"frame size must be a positive multiple of {s} "
-                             f"(the spatial compression); got {hints}")
+            raise ValueError(
+                f"frame size must be a positive multiple of {s} "
+                f"(the spatial compression); got {hints}"
+            )
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(z_dim, latent frames, h, w) for a clip of this size; validates it first."""
         self.check_frames(num_frames)
         self.check_size(height, width)
         s = self.spatial_compression
-        return (self.z_dim, 1 + (num_frames - 1) // self.temporal_compression, height // s, width // s)
+        return (
+            self.z_dim,
+            1 + (num_frames - 1) // self.temporal_compression,
+            height // s,
+            width // s,
+        )
 
     def _check_video(self, x: torch.Tensor) -> None:
         c = self._config["in_channels"]
@@ -234,7 +264,10 @@ class WanVAE(nn.Module):
         mu, logvar = self.encode(x, chunked=False)
         z = mu
         if sample_posterior:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            # draw on the generator's device (a CPU generator may drive a GPU model), then move
+            device = generator.device if generator is not None else mu.device
+            eps = torch.randn(mu.shape, generator=generator, device=device, dtype=mu.dtype)
+            eps = eps.to(mu.device)
             z = mu + torch.exp(0.5 * logvar) * eps
         return self.decode(z, chunked=False, clamp=False), mu, logvar
 
@@ -266,7 +299,9 @@ class WanVAE(nn.Module):
         std = torch.as_tensor(std, dtype=torch.float32).flatten()
         for name, v in (("mean", mean), ("std", std)):
             if v.numel() != self.z_dim:
-                raise ValueError(f"latent {name} needs {self.z_dim} values (z_dim), got {v.numel()}")
+                raise ValueError(
+                    f"latent {name} needs {self.z_dim} values (z_dim), got {v.numel()}"
+                )
             if not torch.isfinite(v).all():
                 raise ValueError(f"latent {name} has non-finite values: {v.tolist()}")
         if (std <= 0).any():
@@ -276,7 +311,9 @@ class WanVAE(nn.Module):
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if like.dim() < 2 or like.shape[1] != self.z_dim:
-            raise ValueError(f"expected latents [B, {self.z_dim}, ...], got shape {tuple(like.shape)}")
+            raise ValueError(
+                f"expected latents [B, {self.z_dim}, ...], got shape {tuple(like.shape)}"
+            )
         shape = (-1,) + (1,) * (like.dim() - 2)
         return self.latents_mean.view(shape), self.latents_std.view(shape)
 
@@ -304,8 +341,12 @@ class WanVAE(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> WanVAE:
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> WanVAE:
         """Load what save_pretrained wrote (strict: every key must match)."""
         from safetensors.torch import load_file
 
