@@ -11,7 +11,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from vidgen.data.pipeline import SKIP_REASONS, build_video_dataset
-from vidgen.data.shards import VideoShardWriter
 from vidgen.data.synthetic import make_synthetic_dataset
 from vidgen.data.video import encode_mp4, probe_video, resize_crop
 

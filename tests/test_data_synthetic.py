@@ -6,7 +6,15 @@ import tarfile
 import numpy as np
 import pytest
 
-from vidgen.data.synthetic import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, main, make_synthetic_dataset, render_video
+from vidgen.data.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    MOTIONS,
+    SHAPES,
+    main,
+    make_synthetic_dataset,
+    render_video,
+)
 from vidgen.data.video import decode_frames
 
 CAPTION = re.compile(
@@ -53,15 +61,16 @@ def test_captions_describe_the_video_and_val_is_held_out(tmp_path):
     assert {s["mp4"] for s in train.values()}.isdisjoint({s["mp4"] for s in val.values()})
 
 
+def centroid(frame: np.ndarray, colour: str) -> np.ndarray:
+    """(x, y) centre of the pixels close to a palette colour."""
+    ys, xs = np.nonzero(np.abs(frame.astype(float) - np.array(COLOURS[colour])).sum(-1) < 30)
+    return np.array([xs.mean(), ys.mean()])
+
+
 def test_shape_moves_in_the_stated_direction():
     for seed in range(20):
         video, info = render_video(48, 9, np.random.default_rng(seed))
-        fg = np.array(COLOURS[info["colour"]], float)
-        # Centroid of pixels close to the shape colour, first vs last frame.
-        def centroid(frame):
-            ys, xs = np.nonzero(np.abs(frame.astype(float) - fg).sum(-1) < 30)
-            return np.array([xs.mean(), ys.mean()])
-        moved = centroid(video[-1]) - centroid(video[0])
+        moved = centroid(video[-1], info["colour"]) - centroid(video[0], info["colour"])
         direction = np.array(MOTIONS[info["motion"]])
         assert moved @ direction > 5, (info, moved)
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vidgen.data.shards import VideoShardWriter, make_key
-from vidgen.data.video import Mp4Writer, open_video, fit_within, probe_video, resize_frames
+from vidgen.data.video import Mp4Writer, fit_within, open_video, probe_video, resize_frames
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg"}
 SKIP_REASONS = ("no_caption", "unreadable", "too_short")
@@ -218,13 +218,21 @@ def make_shards(
     total_frames, total_duration = 0, 0.0
     start = time.perf_counter()
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     bar = Progress(
         TextColumn("[bold]shards[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         TextColumn("{task.description}"), disable=not progress,
     )
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    # "spawn": a forked child of a process that already ran decord/torch threads can
+    # deadlock on a lock held at fork time (seen with pytest); fresh interpreters cannot.
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         results = (
             pool.imap(_process_star, ((item, opts) for item in items), chunksize=1)
@@ -273,7 +281,7 @@ def print_summary(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"make_shards: {summary['src']} -> {summary['out']}")
+    table = Table(title="make_shards summary")
     table.add_column("outcome")
     table.add_column("videos", justify="right")
     table.add_row("written", str(summary["written"]))
@@ -282,6 +290,7 @@ def print_summary(summary: dict) -> None:
     table.add_row("shards", str(len(summary["shards"])))
     table.add_row("frames written", str(summary["total_frames"]))
     console = Console()
+    console.print(f"{summary['src']} -> {summary['out']}: {summary['found']} video(s) found")
     console.print(table)
     console.print(f"details in {Path(summary['out']) / 'summary.json'} ({summary['elapsed_s']:.1f}s)")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -363,11 +364,22 @@ class VideoShardDataset(IterableDataset):
                 yield pending[bucket].collate(counter)
 
 
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor; in a loader worker it lives in shared memory (as
+    in torch's default_collate), so handing the batch to the main process copies nothing.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    template = torch.empty(0)
+    storage = template._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return template.new(storage).resize_(shape)
+
+
 class _Group:
     """A batch being filled for one bucket: clips are decoded into ``video`` in place."""
 
     def __init__(self, bucket: Bucket, batch_size: int):
-        self.video = torch.empty((batch_size, 3, bucket.frames, bucket.height, bucket.width))
+        self.video = _batch_tensor((batch_size, 3, bucket.frames, bucket.height, bucket.width))
         self.bucket = bucket
         self.samples: list[_Sample] = []
         self.indices: list[list[int]] = []
