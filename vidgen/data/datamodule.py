@@ -120,19 +120,18 @@ class VideoDataModule(L.LightningDataModule):
         if trainer is None:
             epoch, self._passes = self._passes, self._passes + 1
             return epoch, 0
+        per_epoch = self.train_kwargs.get("batches_per_epoch")
         try:
-            # Read before Lightning's restart bookkeeping runs, so use `processed`
-            # counters: for epochs it is already the next epoch when resuming from an
-            # end-of-epoch checkpoint (unlike current_epoch); for batches it includes the
-            # batch whose on_train_batch_end saved the checkpoint (unlike `completed`).
+            # Read before Lightning's restart bookkeeping runs. The total count of processed
+            # batches includes the batch whose on_train_batch_end saved the checkpoint, and
+            # gives the data position however Lightning itself splits the resumed epoch.
             epoch = trainer.fit_loop.epoch_progress.current.processed
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            total = trainer.fit_loop.epoch_loop.batch_progress.total.processed
         except AttributeError:  # a Trainer without a fit loop (e.g. a test double)
             return trainer.current_epoch, 0
-        per_epoch = self.train_kwargs.get("batches_per_epoch")
-        if per_epoch is None or done >= per_epoch:
-            done = 0
-        return epoch, done
+        if per_epoch is None:
+            return epoch, 0
+        return divmod(total, per_epoch)
 
     # -- loaders -------------------------------------------------------------------
 
