@@ -20,6 +20,7 @@ from vidgen.metrics.fvd import FVD
 from vidgen.metrics.i3d import InceptionI3d, load_i3d
 from vidgen.metrics.report import write_report
 from vidgen.metrics.video import VideoMetrics
+from vidgen.models.vae.tiling import tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
 TASKS = ("vae_recon",)
@@ -72,7 +73,7 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     from vidgen.lit.vae import load_vae
 
     vae = load_vae(cfg.ckpt).to(device).eval()
-    vae.validate_num_frames(cfg.data.num_frames)
+    vae.check_frames(cfg.data.num_frames)
     lpips_model, fvd = _metric_models(cfg, device)
     scores = VideoMetrics(psnr=cfg.metrics.psnr, ssim=cfg.metrics.ssim, lpips_model=lpips_model)
     grids, seen = [], 0
@@ -84,8 +85,13 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
             x = x[: max(0, limit - seen)]
             if len(x) == 0:
                 break
-        mu, _ = vae.encode(x)
-        recon = vae.decode(mu).clamp(-1, 1)
+        if max(x.shape[-2:]) > cfg.tiling.tile:  # large frames: overlapping spatial tiles
+            mu, _ = tiled_encode(vae, x, cfg.tiling.tile, cfg.tiling.overlap)
+            recon = tiled_decode(vae, mu, cfg.tiling.tile, cfg.tiling.overlap)
+        else:
+            mu, _ = vae.encode(x)
+            recon = vae.decode(mu)
+        recon = recon.clamp(-1, 1)
         scores.update(x, recon)
         if fvd is not None:
             fvd.update_real(x)
@@ -106,6 +112,7 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
         "psnr_ssim": "per frame on [0,1], mean over frames then videos; SSIM 11x11 Gaussian sigma 1.5",
         "lpips": f"{cfg.metrics.lpips_net}, per frame on [-1,1]" if lpips_model is not None else None,
         "inference": "chunked causal encode (1, 4, 4, ... frames), posterior mean, decode",
+        "tiling": f"tiles of {cfg.tiling.tile}px, overlap {cfg.tiling.overlap}px, when a side exceeds the tile",
     }
     warnings = []
     if cfg.metrics.random_backbones:
