@@ -41,6 +41,8 @@ demo: $(STAMP) data/synthetic/train  ## VAE stages 1-2 on bundled synthetic data
 bench: $(STAMP)  ## benchmarks against peer implementations (prints ratios)
 	$(PY) bench/bench_data.py
 	$(PY) bench/bench_vae.py
+	$(PY) bench/bench_vae_stage3.py
+	$(PY) bench/bench_dit.py
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check vidgen tests bench train.py eval.py
