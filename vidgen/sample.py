@@ -28,6 +28,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -167,7 +168,7 @@ def generate(
     return video.float().clamp(-1, 1)
 
 
-def to_uint8_frames(video: Tensor) -> "numpy.ndarray":  # noqa: F821
+def to_uint8_frames(video: Tensor) -> np.ndarray:
     """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] for write_mp4."""
     return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
 

@@ -23,7 +23,9 @@ text embedding is replaced by the empty-caption embedding stored with the latent
 Streams, epochs, resume: as in ``vidgen.data.pipeline``: with ``resampled=True`` each stream
 draws shards with replacement from its own RNG seeded by (seed, rank, worker, epoch,
 start_batch); ``batches_per_epoch`` batches per rank are split exactly among the workers.
-Validation (``resampled=False``) reads shard ``i`` in stream ``i mod (world * workers)``.
+Validation (``resampled=False``) reads shard ``i`` in loader worker ``i mod workers``, and every
+rank reads the whole validation set (sharded forwards and synced metrics need equal batch
+counts on all ranks; keep it small).
 
 Schedule (progressive resolution within a run): ``schedule`` lists stages
 ``{step, buckets, max_tokens}``; a stage applies from training batch ``step`` on (batches
@@ -49,14 +51,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vidgen.data.buckets import parse_buckets
-from vidgen.data.datamodule import EpochDataLoader, VideoDataModule, _plain, _seed_worker
+from vidgen.data.datamodule import EpochDataLoader, _plain, _seed_worker
 from vidgen.data.pipeline import _dist_rank_world, _shuffled
 from vidgen.data.shards import expand_shards
 from vidgen.models.dit.packing import PackingBuffer
@@ -68,7 +70,7 @@ EMPTY_NAME = "empty_caption.safetensors"
 FORMAT = "vidgen-latents-v1"
 # A resampled stream that cannot make progress stops with an error instead of spinning.
 _MAX_EMPTY_SHARDS = 200
-_MAX_REJECTED = 20000
+_MAX_REJECTED = 10000
 
 
 # --------------------------------------------------------------------------------------
@@ -406,8 +408,20 @@ class LatentDataModule(L.LightningDataModule):
             raise ValueError(f"LatentDataModule({name}=...): unknown keys {unknown}; valid: {sorted(valid)}")
         return kwargs
 
-    # The same epoch / mid-epoch-resume bookkeeping as the video data module.
-    _train_position = VideoDataModule._train_position
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches already done in it) for the pass about to start.
+
+        Counted from the batches trained so far (Lightning's total batch progress, restored
+        from the checkpoint), not from its epoch counter: both batch-end and epoch-end
+        checkpoints then resume the data stream exactly where the uninterrupted run is.
+        """
+        per_epoch = self.train_kwargs.get("batches_per_epoch")
+        trainer = self.trainer
+        if trainer is None or per_epoch is None:
+            epoch, self._passes = self._passes, self._passes + 1
+            return epoch, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        return divmod(done, per_epoch)
 
     def _loader(self, dataset, position_fn) -> DataLoader:
         return EpochDataLoader(
@@ -436,12 +450,14 @@ class LatentDataModule(L.LightningDataModule):
         if self.val_kwargs is None:
             return []
         k = self.val_kwargs
-        rank, world = _dist_rank_world()
+        # Every rank reads the whole (small) validation set: a sharded (FSDP2) forward needs
+        # every rank, and sync_dist logging needs every rank to log, so no rank may run out
+        # of validation batches before the others. The metrics are then identical on all ranks.
         dataset = LatentShardDataset(
             expand_shards(k["shards"]), patch_size=self.patch_size,
             stages=parse_schedule(k["max_tokens"], k.get("buckets"), None), empty_text=None,
             pack_buffer=k.get("pack_buffer", 64), min_efficiency=k.get("min_efficiency", 0.9),
-            resampled=False, seed=self.seed, rank=rank, world_size=world,
+            resampled=False, seed=self.seed, rank=0, world_size=1,
         )
         return self._loader(dataset, lambda: (0, 0))
 

@@ -47,7 +47,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from vidgen.diffusion import flow_loss, interpolate, resolution_shift, sample_timesteps
+from vidgen.diffusion import SAMPLERS, flow_loss, interpolate, resolution_shift, sample_timesteps
+from vidgen.diffusion.flow import TIMESTEP_MODES
 from vidgen.lit.vae import warmup_lambda
 from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_efficiency
 from vidgen.models.dit.packing import PackedBatch
@@ -87,6 +88,22 @@ def load_dit(path: str | os.PathLike, prefer_ema: bool = True) -> WanDiT:
         state.update({k: v.to(state[k].dtype) for k, v in ema["shadow"].items() if k in state})
     model.load_state_dict(state, assign=True)
     return model
+
+
+FLOW_DEFAULTS = dict(timestep_mode="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0,
+                     resolution_shift=False, base_tokens=256, base_shift=1.0, max_tokens=32760,
+                     max_shift=5.0)
+VAL_DEFAULTS = dict(num_samples=2, steps=20, solver="euler", cfg_scale=5.0,
+                    timesteps=[0.1, 0.3, 0.5, 0.7, 0.9])
+FSDP_DEFAULTS = dict(param_dtype=None, reduce_dtype=None, reshard_after_forward=True)
+
+
+def _checked(name: str, given: dict, defaults: dict) -> dict:
+    """``defaults`` updated with ``given``; an unknown key is an error naming the valid ones."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"model.{name} has unknown keys {unknown}; valid: {sorted(defaults)}")
+    return {**defaults, **dict(given)}
 
 
 def _is_dtensor(t) -> bool:
@@ -161,9 +178,17 @@ class DiTModule(L.LightningModule):
                                  f"config as (theirs, ours): {diff}")
             self.dit.load_state_dict(src.state_dict())
         self.dit.gradient_checkpointing = activation_checkpointing
-        self.flow = dict(flow)
-        self.val_cfg = {"num_samples": 2, "steps": 20, "solver": "euler", "cfg_scale": 5.0,
-                        "timesteps": [0.1, 0.3, 0.5, 0.7, 0.9], **dict(val or {})}
+        self.flow = _checked("flow", flow, FLOW_DEFAULTS)
+        if self.flow["timestep_mode"] not in TIMESTEP_MODES:
+            raise ValueError(f"model.flow.timestep_mode={self.flow['timestep_mode']!r}; valid: "
+                             f"{', '.join(TIMESTEP_MODES)}")
+        self.val_cfg = _checked("val", val or {}, VAL_DEFAULTS)
+        if self.val_cfg["solver"] not in SAMPLERS:
+            raise ValueError(f"model.val.solver={self.val_cfg['solver']!r}; valid: {', '.join(SAMPLERS)}")
+        for name in ("param_dtype", "reduce_dtype"):
+            value = _checked("fsdp", fsdp or {}, FSDP_DEFAULTS)[name]
+            if value not in (None, "float32", "bfloat16", "float16"):
+                raise ValueError(f"model.fsdp.{name}={value!r}; valid: null, float32, bfloat16, float16")
         self.guard = NonFiniteGuard(max_consecutive=max_consecutive_nonfinite,
                                     knob="model.max_consecutive_nonfinite")
         self.ema: EMA | None = None  # built in on_fit_start, once sharded and on its device
@@ -213,18 +238,22 @@ class DiTModule(L.LightningModule):
         if self.device_mesh is None:
             return
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import (
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
 
         # Pure data parallelism over every rank, whatever 2D mesh the strategy made.
         world = torch.distributed.get_world_size()
         mesh = init_device_mesh(self.device_mesh.device_type, (world,), mesh_dim_names=("dp",))
-        f = {"param_dtype": None, "reduce_dtype": None, "reshard_after_forward": True,
-             **dict(self.hparams.fsdp or {})}
+        f = _checked("fsdp", self.hparams.fsdp or {}, FSDP_DEFAULTS)
         dtype = lambda name: getattr(torch, name) if name else None  # noqa: E731
         mp = MixedPrecisionPolicy(param_dtype=dtype(f["param_dtype"]), reduce_dtype=dtype(f["reduce_dtype"]))
         for block in self.dit.blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=f["reshard_after_forward"])
         fully_shard(self.dit, mesh=mesh, mp_policy=mp, reshard_after_forward=f["reshard_after_forward"])
+        register_fsdp_forward_method(self.dit, "forward_packed")  # FSDP hooks only wrap forward()
 
     def on_fit_start(self) -> None:
         if self.hparams.ema and self.ema is None:
@@ -289,12 +318,12 @@ class DiTModule(L.LightningModule):
         """Flow-matching loss of one packed sequence (t: [S] fixed times, else sampled)."""
         if t is None:
             f = self.flow
-            shift = f.get("shift", 1.0)
-            if f.get("resolution_shift"):
+            shift = f["shift"]
+            if f["resolution_shift"]:
                 shift = resolution_shift([math.prod(g) for g in p.grids], f["base_tokens"],
                                          f["base_shift"], f["max_tokens"], f["max_shift"])
-            t = sample_timesteps(p.num_samples, f["timestep_mode"], f.get("logit_mean", 0.0),
-                                 f.get("logit_std", 1.0), shift, generator=gen, device=self.device)
+            t = sample_timesteps(p.num_samples, f["timestep_mode"], f["logit_mean"], f["logit_std"],
+                                 shift, generator=gen, device=self.device)
         x0 = p.x.float()
         eps = torch.randn(x0.shape, generator=gen, device=x0.device)
         x_t = interpolate(x0, eps, p.per_token(t))
