@@ -203,7 +203,7 @@ def test_encoded_latent_equals_normalized_posterior_mean(tmp_path, shards, vae_d
     torch.testing.assert_close(empty, trim_padding(*text_encoder.encode([""]))[0], atol=2e-3, rtol=2e-3)
 
 
-def test_encode_latents_resumes_and_splits_by_rank(tmp_path, shards, vae_dir, latents):
+def test_encode_latents_resumes_and_splits_by_rank(tmp_path, shards, vae_dir, latents, monkeypatch):
     names = sorted(p.name for p in latents.glob("*.tar"))
     assert names == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert len(read_tar(latents / names[0])) == 8  # 4 clips x 2 buckets, keys <key>_<bucket>
@@ -226,7 +226,14 @@ def test_encode_latents_resumes_and_splits_by_rank(tmp_path, shards, vae_dir, la
     got = encode(vae_dir, shards / "train", split, "rank=1", "world=2")
     assert [Path(p).name for p in got] == [names[1]]
     assert sorted(p.name for p in split.glob("*.tar")) == [names[1]]
-    assert encode_latents.rank_and_world(None, None) == (0, 1)  # no launcher environment here
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert encode_latents.rank_and_world(None, None) == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun
+    assert encode_latents.rank_and_world(None, None) == (3, 4)
+    with pytest.raises(ValueError, match="need 0 <= rank < world, got rank=4, world=4"):
+        encode_latents.rank_and_world(4, None)
 
 
 def test_encode_into_a_folder_of_another_vae_is_an_error(tmp_path, shards, latents):
