@@ -32,11 +32,29 @@ data/synthetic/train: | $(STAMP)
 	$(PY) -m vidgen.data.synthetic --out data/synthetic --num-videos 512 --val-videos 32 \
 		--size 64 --frames 17 --fps 8 --seed 0
 
-demo: $(STAMP) data/synthetic/train  ## VAE stages 1-2 on bundled synthetic data (CPU, minutes)
+demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic data (CPU, ~15 min)
+	rm -rf $(DEMO)
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage1 paths.run_dir=$(DEMO)/vae_stage1
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage2 paths.run_dir=$(DEMO)/vae_stage2 \
 		model.init_from=$(DEMO)/vae_stage1
-	@echo "demo outputs: $(DEMO)/ (vae_stage1/, vae_stage2/: config.yaml, checkpoints/, samples/, csv/, vae/)"
+	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage3 paths.run_dir=$(DEMO)/vae_stage3 \
+		model.init_from=$(DEMO)/vae_stage2
+	$(PY) -m vidgen.tools.latent_stats ckpt=$(DEMO)/vae_stage3 data.shards=data/synthetic/train \
+		data.num_frames=17 data.max_videos=64 chunked=false
+	for s in train val; do $(PY) -m vidgen.tools.encode_latents vae=$(DEMO)/vae_stage3 \
+		data.shards=data/synthetic/$$s out=$(DEMO)/latents/$$s 'data.buckets=[5x32x32,9x64x64]' \
+		every_bucket=true chunked=false data.batch_size=8 || exit 1; done
+	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/dit_stage1 paths.run_dir=$(DEMO)/dit_stage1
+	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/dit_stage2 paths.run_dir=$(DEMO)/dit_stage2 \
+		model.init_from=$(DEMO)/dit_stage1
+	$(PY) -m vidgen.sample ckpt=$(DEMO)/dit_stage2 \
+		'prompt=[a red circle moving left to right on a blue striped background]' \
+		num_frames=9 height=64 width=64 out=$(DEMO)/samples
+	$(PY) eval.py task=vae_recon ckpt=$(DEMO)/vae_stage3 data.shards=data/synthetic/val \
+		data.height=64 data.width=64 metrics.lpips=false metrics.fvd=false out=$(DEMO)/eval
+	@echo "demo outputs in $(DEMO)/: vae_stage{1,2,3}/ dit_stage{1,2}/ (config.yaml, checkpoints/,"
+	@echo "  samples/, csv/, exported vae/ or dit/), latents/, samples/ (mp4), eval/report.md:"
+	@cat $(DEMO)/eval/report.md | head -20
 
 bench: $(STAMP)  ## benchmarks against peer implementations (prints ratios)
 	$(PY) bench/bench_data.py
