@@ -64,3 +64,18 @@ def test_eval_cli_psnr_ssim_only(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert set(report["metrics"]) == {"psnr", "ssim"} and report["metrics"]["psnr"] > 0
+
+
+def test_dit_gen_report(setup):
+    from vidgen.models.dit.model import wan_tiny
+
+    dit = wan_tiny(in_channels=4, out_channels=4, text_dim=384)
+    dit.save_pretrained(setup / "dit")
+    out = evaluate(_cfg(setup, "task=dit_gen", f"ckpt={setup / 'dit'}", f"vae={setup / 'vae'}",
+                        "text_encoder=minilm", "metrics.lpips=false", "metrics.random_backbones=true",
+                        "metrics.fvd_batch_size=2", "sampling.steps=2", "sampling.cfg_scale=1.0",
+                        f"out={setup / 'gen'}"))
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["metrics"]) == {"fvd"} and report["metrics"]["fvd"] >= 0
+    assert report["protocol"]["task"] == "dit_gen" and report["protocol"]["sampling"]["steps"] == 2
+    assert list(out.glob("*.png"))
