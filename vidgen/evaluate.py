@@ -120,7 +120,7 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     if fvd is not None:
         metrics["fvd"], protocol["fvd"] = fvd.compute()
         warnings += fvd.warnings
-    curves = {k: result[f"{k}_t"] for k in ("psnr", "ssim") if f"{k}_t" in result}
+    curves = {f"{k}_t": result[f"{k}_t"] for k in ("psnr", "ssim") if f"{k}_t" in result}
     return dict(metrics=metrics, protocol=protocol, curves=curves, grids=grids, warnings=warnings)
 
 
