@@ -53,6 +53,7 @@ from vidgen.lit.vae import warmup_lambda
 from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_efficiency
 from vidgen.models.dit.packing import PackedBatch
 from vidgen.sample import PIPELINE_NAME, generate_latents, sampling_shift
+from vidgen.utils.checkpoint import find_export, read_module_state
 from vidgen.utils.ema import EMA
 from vidgen.utils.guards import NonFiniteGuard
 from vidgen.utils.logging import log_video_grid
@@ -66,26 +67,12 @@ def build_dit(size: str | None, dit: dict) -> WanDiT:
 
 def load_dit(path: str | os.PathLike, prefer_ema: bool = True) -> WanDiT:
     """A DiT from a ``save_pretrained`` folder, a run folder (its ``dit/``) or a Lightning ``.ckpt``."""
-    path = Path(path)
-    if path.is_dir() and (path / "dit" / "config.json").is_file():
-        path = path / "dit"
+    path = find_export(path, "dit")
     if path.is_dir():
         return WanDiT.from_pretrained(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"DiT checkpoint {path} does not exist: give a save_pretrained folder (config.json + "
-            "model.safetensors), a run folder with dit/, or a .ckpt file"
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hp = ckpt.get("hyper_parameters", {})
-    if "dit" not in hp:
-        raise ValueError(f"{path} is not a vidgen DiT checkpoint (no hyper_parameters.dit)")
-    with torch.device("meta"):
+    hp, state = read_module_state(path, "dit", prefer_ema)
+    with torch.device("meta"):  # the state dict supplies every tensor: skip random init
         model = build_dit(hp.get("size"), hp["dit"])
-    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("dit.")}
-    ema = ckpt.get("vidgen", {}).get("ema")
-    if prefer_ema and ema:
-        state.update({k: v.to(state[k].dtype) for k, v in ema["shadow"].items() if k in state})
     model.load_state_dict(state, assign=True)
     return model
 

@@ -25,6 +25,7 @@ from vidgen.losses.recon import vae_loss
 from vidgen.metrics.frames import psnr_per_frame
 from vidgen.models.vae import WanVAE, inflate_2d_to_3d
 from vidgen.models.vae.discriminator import Discriminator3D
+from vidgen.utils.checkpoint import find_export, read_module_state
 from vidgen.utils.ema import EMA
 from vidgen.utils.guards import NonFiniteGuard, grads_finite
 from vidgen.utils.logging import log_video_grid
@@ -41,24 +42,11 @@ def load_vae(path: str | os.PathLike, prefer_ema: bool = True) -> WanVAE:
     A run folder resolves to its exported `<run>/vae/` (written at the end of training). A
     `.ckpt` uses the EMA weights when the run kept them and `prefer_ema` is set.
     """
-    path = Path(path)
-    if path.is_dir() and (path / "vae" / "config.json").is_file():
-        path = path / "vae"
+    path = find_export(path, "vae")
     if path.is_dir():
         return WanVAE.from_pretrained(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"VAE checkpoint {path} does not exist: give a save_pretrained folder "
-            "(config.json + model.safetensors), a run folder with vae/, or a .ckpt file"
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "hyper_parameters" not in ckpt or "vae" not in ckpt["hyper_parameters"]:
-        raise ValueError(f"{path} is not a vidgen VAE checkpoint (no hyper_parameters.vae)")
-    vae = WanVAE(**dict(ckpt["hyper_parameters"]["vae"]))
-    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}
-    if prefer_ema and ckpt.get("vidgen", {}).get("ema"):
-        ema_state = ckpt["vidgen"]["ema"]["shadow"]
-        state.update({k: v for k, v in ema_state.items() if k in state})
+    hp, state = read_module_state(path, "vae", prefer_ema)
+    vae = WanVAE(**dict(hp["vae"]))
     vae.load_state_dict(state)
     return vae
 

@@ -64,3 +64,32 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: str, task_dir: str) -> str
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"ckpt_path={ckpt_path} is not a file (or use ckpt_path=last)")
     return ckpt_path
+
+
+def find_export(path: str | os.PathLike, name: str) -> Path:
+    """Where a trained `name` ("vae" | "dit") lives: a `save_pretrained` folder, a run folder
+    (its exported `<run>/<name>/`) or a Lightning `.ckpt`; a clear error otherwise."""
+    path = Path(path)
+    if path.is_dir() and (path / name / "config.json").is_file():
+        return path / name
+    if path.is_dir() or path.is_file():
+        return path
+    raise FileNotFoundError(
+        f"{name.upper()} checkpoint {path} does not exist: give a save_pretrained folder "
+        f"(config.json + model.safetensors), a run folder with {name}/, or a .ckpt file"
+    )
+
+
+def read_module_state(path: str | os.PathLike, name: str, prefer_ema: bool = True) -> tuple[dict, dict]:
+    """(hyper_parameters, state dict of the LightningModule's submodule `name`) from a vidgen
+    `.ckpt`; with `prefer_ema`, the EMA weights the run kept replace the raw ones."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters", {})
+    if name not in hp:
+        raise ValueError(f"{path} is not a vidgen {name.upper()} checkpoint (no hyper_parameters.{name})")
+    prefix = name + "."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    ema = ckpt.get("vidgen", {}).get("ema")
+    if prefer_ema and ema:
+        state.update({k: v.to(state[k].dtype) for k, v in ema["shadow"].items() if k in state})
+    return hp, state
