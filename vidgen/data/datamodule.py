@@ -53,6 +53,14 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(worker_seed)
 
 
+def trained_position(trainer, batches_per_epoch: int) -> tuple[int, int]:
+    """(epoch, batches already done in it) of the training stream, from the batches trained
+    so far. Read before Lightning's restart bookkeeping runs: the total count of processed
+    batches (restored from the checkpoint) includes the batch whose on_train_batch_end saved
+    it, and gives the data position however Lightning itself splits the resumed epoch."""
+    return divmod(trainer.fit_loop.epoch_loop.batch_progress.total.processed, batches_per_epoch)
+
+
 class EpochDataLoader(DataLoader):
     """A DataLoader that sets the dataset's (epoch, start_batch) before each pass."""
 
@@ -122,16 +130,11 @@ class VideoDataModule(L.LightningDataModule):
             return epoch, 0
         per_epoch = self.train_kwargs.get("batches_per_epoch")
         try:
-            # Read before Lightning's restart bookkeeping runs. The total count of processed
-            # batches includes the batch whose on_train_batch_end saved the checkpoint, and
-            # gives the data position however Lightning itself splits the resumed epoch.
-            epoch = trainer.fit_loop.epoch_progress.current.processed
-            total = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+            if per_epoch is None:
+                return trainer.fit_loop.epoch_progress.current.processed, 0
+            return trained_position(trainer, per_epoch)
         except AttributeError:  # a Trainer without a fit loop (e.g. a test double)
             return trainer.current_epoch, 0
-        if per_epoch is None:
-            return epoch, 0
-        return divmod(total, per_epoch)
 
     # -- loaders -------------------------------------------------------------------
 

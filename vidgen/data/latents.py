@@ -58,7 +58,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vidgen.data.buckets import parse_buckets
-from vidgen.data.datamodule import EpochDataLoader, _plain, _seed_worker
+from vidgen.data.datamodule import EpochDataLoader, _plain, _seed_worker, trained_position
 from vidgen.data.pipeline import _dist_rank_world, _shuffled
 from vidgen.data.shards import expand_shards
 from vidgen.models.dit.packing import PackingBuffer
@@ -420,8 +420,7 @@ class LatentDataModule(L.LightningDataModule):
         if trainer is None or per_epoch is None:
             epoch, self._passes = self._passes, self._passes + 1
             return epoch, 0
-        done = trainer.fit_loop.epoch_loop.batch_progress.total.processed
-        return divmod(done, per_epoch)
+        return trained_position(trainer, per_epoch)
 
     def _loader(self, dataset, position_fn) -> DataLoader:
         return EpochDataLoader(
