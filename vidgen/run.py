@@ -7,6 +7,7 @@ compose API. Ranks: under DDP every rank runs this function; only rank 0 writes 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from vidgen.utils.checkpoint import AtomicCheckpointIO, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
+
+# Lightning suggests keeping pre-step weights for manual optimisation (the VAE); our
+# checkpoints are meant to hold the post-step state that resume continues from.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
