@@ -31,20 +31,20 @@ from torch.utils.data import DataLoader
 from vidgen.data.pipeline import VideoShardDataset, build_video_dataset
 
 
-def _plain(value):
+def to_builtin(value):
     """Recursively turn OmegaConf containers (or anything dict/list-like) into builtins."""
     if type(value).__module__.startswith("omegaconf"):
         from omegaconf import OmegaConf
 
         return OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): to_builtin(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [to_builtin(v) for v in value]
     return value
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
     """Seed a loader worker's global RNGs (for user transforms; the pipeline itself uses
     its own per-(seed, rank, worker, epoch) generators). ``torch.initial_seed()`` already
     differs per worker and per pass, drawn from the loader's seeded generator."""
@@ -97,8 +97,8 @@ class VideoDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
     ):
         super().__init__()
-        self.train_kwargs = self._check_kwargs(_plain(train), "train", batch_size, seed)
-        self.val_kwargs = self._check_kwargs(_plain(val), "val", batch_size, seed) if val is not None else None
+        self.train_kwargs = self._check_kwargs(to_builtin(train), "train", batch_size, seed)
+        self.val_kwargs = self._check_kwargs(to_builtin(val), "val", batch_size, seed) if val is not None else None
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.batch_size = batch_size
@@ -146,7 +146,7 @@ class VideoDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            worker_init_fn=_seed_worker,
+            worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(self.seed),
         )
 

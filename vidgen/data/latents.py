@@ -20,9 +20,9 @@ Caption dropout (classifier-free guidance): with probability ``cfg_dropout`` a s
 text embedding is replaced by the empty-caption embedding stored with the latents
 (``empty_caption.safetensors``), the same one sampling uses for the unconditional branch.
 
-Streams, epochs, resume: as in ``vidgen.data.pipeline``: with ``resampled=True`` each stream
-draws shards with replacement from its own RNG seeded by (seed, rank, worker, epoch,
-start_batch); ``batches_per_epoch`` batches per rank are split exactly among the workers.
+Streams, epochs, resume: ``vidgen.data.streams``, shared with the video pipeline. With
+``resampled=True`` each stream draws shards with replacement from its own RNG seeded by
+(seed, rank, worker, epoch, start_batch); ``batches_per_epoch`` batches per rank are split exactly among the workers.
 Validation (``resampled=False``) reads shard ``i`` in loader worker ``i mod workers``, and every
 rank reads the whole validation set (sharded forwards and synced metrics need equal batch
 counts on all ranks; keep it small).
@@ -53,14 +53,14 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vidgen.data.buckets import parse_buckets
-from vidgen.data.datamodule import EpochDataLoader, _plain, _seed_worker, trained_position
-from vidgen.data.pipeline import _dist_rank_world, _shuffled
+from vidgen.data.datamodule import EpochDataLoader, seed_worker, to_builtin, trained_position
 from vidgen.data.shards import expand_shards
+from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
 from vidgen.models.dit.packing import PackingBuffer
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def stage_at(stages: Sequence[Stage], batch: int) -> int:
     return max(i for i, s in enumerate(stages) if s.step <= batch)
 
 
-class LatentShardDataset(IterableDataset):
+class LatentShardDataset(ShardStream):
     """Packed batches from latent shards; build it through ``LatentDataModule``.
 
     Yields dicts (use a DataLoader with ``batch_size=None``)::
@@ -173,56 +173,26 @@ class LatentShardDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ):
-        super().__init__()
+        super().__init__(
+            shards, resampled=resampled, batches_per_epoch=batches_per_epoch, seed=seed,
+            rank=rank, world_size=world_size,
+        )
         if not 0.0 <= cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
         if cfg_dropout > 0 and empty_text is None:
             raise ValueError("cfg_dropout > 0 needs the empty-caption embedding (empty_text)")
         if len(stages) > 1 and (not resampled or batches_per_epoch is None):
             raise ValueError("a schedule needs resampled=True and batches_per_epoch set")
-        if batches_per_epoch is not None and (not resampled or batches_per_epoch < 1):
-            raise ValueError(
-                f"batches_per_epoch={batches_per_epoch} needs resampled=True and a value >= 1"
-            )
-        self.shards, self.patch_size, self.stages = shards, tuple(patch_size), stages
+        self.patch_size, self.stages = tuple(patch_size), stages
         self.empty_text, self.cfg_dropout = empty_text, cfg_dropout
         self.shuffle_buffer, self.pack_buffer, self.min_efficiency = shuffle_buffer, pack_buffer, min_efficiency
-        self.resampled, self.batches_per_epoch = resampled, batches_per_epoch
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, start_batch]
 
-    # Same epoch protocol as VideoShardDataset (EpochDataLoader calls set_epoch).
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if epoch < 0 or start_batch < 0:
-            raise ValueError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
-        self._position[0], self._position[1] = epoch, start_batch
-
-    def __len__(self) -> int:
-        if self.batches_per_epoch is None:
-            raise TypeError("length is only known with resampled=True and batches_per_epoch set")
-        return self.batches_per_epoch
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, start_batch = (int(v) for v in self._position.tolist())
-        return self.iterate(worker=worker, num_workers=num_workers, epoch=epoch, start_batch=start_batch)
-
-    def iterate(self, *, worker=0, num_workers=1, epoch=0, start_batch=0) -> Iterator[dict]:
-        """The batches of one stream (rank ``self.rank``, worker ``worker``)."""
-        shard_ss, shuffle_ss, drop_ss, pack_ss = np.random.SeedSequence(
-            [self.seed, self.rank, worker, epoch, start_batch]
-        ).spawn(4)
+    def iterate(self, *, worker: int = 0, num_workers: int = 1, epoch: int = 0, start_batch: int = 0) -> Iterator[dict]:
+        shard_ss, shuffle_ss, drop_ss, pack_ss = self.stream_seeds(worker, epoch, start_batch, 4)
         self._skipped = 0
-        if self.resampled:
-            rng = np.random.default_rng(shard_ss)
-            urls = (self.shards[int(rng.integers(len(self.shards)))] for _ in iter(int, 1))
-        else:
-            stream, num_streams = self.rank * num_workers + worker, self.world_size * num_workers
-            urls = iter(self.shards[stream::num_streams])
-        samples = self._samples(urls)
+        samples = self._samples(self.stream_urls(shard_ss, worker, num_workers))
         if self.resampled and self.shuffle_buffer > 1:
-            samples = _shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
+            samples = shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
         if self.cfg_dropout > 0:
             samples = self._dropout(samples, np.random.default_rng(drop_ss))
         pack_seed = int(pack_ss.generate_state(1)[0])
@@ -230,8 +200,7 @@ class LatentShardDataset(IterableDataset):
         if self.batches_per_epoch is None:  # finite pass (validation) or endless, one stage
             yield from self._packed(samples, self.stages[0], pack_seed, final=not self.resampled)
             return
-        remaining = self.batches_per_epoch - start_batch
-        limit = remaining // num_workers + (1 if worker < remaining % num_workers else 0)
+        limit = self.worker_batches(worker, num_workers, start_batch)
         first = epoch * self.batches_per_epoch + start_batch + worker  # this worker's batch 0
         k = 0
         while k < limit:
@@ -383,8 +352,8 @@ class LatentDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
     ):
         super().__init__()
-        self.train_kwargs = self._check(_plain(train), _TRAIN_KEYS, "train")
-        self.val_kwargs = self._check(_plain(val), _VAL_KEYS, "val") if val is not None else None
+        self.train_kwargs = self._check(to_builtin(train), _TRAIN_KEYS, "train")
+        self.val_kwargs = self._check(to_builtin(val), _VAL_KEYS, "val") if val is not None else None
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -426,12 +395,12 @@ class LatentDataModule(L.LightningDataModule):
         return EpochDataLoader(
             dataset, position_fn=position_fn, batch_size=None, num_workers=self.num_workers,
             pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
-            worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataset(self, rank: int | None = None, world_size: int | None = None) -> LatentShardDataset:
         k = self.train_kwargs
-        env_rank, env_world = _dist_rank_world()
+        env_rank, env_world = dist_rank_world()
         return LatentShardDataset(
             self.train_shards, patch_size=self.patch_size, stages=self.stages,
             empty_text=self.empty_text, cfg_dropout=k.get("cfg_dropout", 0.0),

@@ -26,18 +26,18 @@ import contextlib
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vidgen.data.buckets import Bucket, assign_bucket, parse_buckets
 from vidgen.data.shards import REQUIRED_META, expand_shards
+from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
 from vidgen.data.video import VideoTooShortError, decode_clip, resize_crop
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,6 @@ SKIP_REASONS = (
 # Resampled streams are infinite: if every shard keeps failing, stop with an error
 # instead of spinning forever. Both conditions must hold (see _Health).
 _MIN_CONSECUTIVE_FAILURES = 200
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed if initialised, else env RANK/WORLD_SIZE."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 @dataclass
@@ -115,7 +108,7 @@ class _Health:
             )
 
 
-class VideoShardDataset(IterableDataset):
+class VideoShardDataset(ShardStream):
     """Batches of clips from WebDataset video shards; build it with ``build_video_dataset``.
 
     Yields dicts (already collated; use a DataLoader with ``batch_size=None``)::
@@ -145,81 +138,32 @@ class VideoShardDataset(IterableDataset):
         rank: int,
         world_size: int,
     ):
-        super().__init__()
-        self.shards = shards
+        super().__init__(
+            shards, resampled=resampled, batches_per_epoch=batches_per_epoch, seed=seed,
+            rank=rank, world_size=world_size,
+        )
         self.mode = mode
         self.buckets = buckets
         self.frame_stride = frame_stride
         self.target_fps = target_fps
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
-        self.resampled = resampled
-        self.batches_per_epoch = batches_per_epoch
-        self.seed = seed
         self.deterministic = deterministic or not resampled
-        self.rank, self.world_size = rank, world_size
-        # [epoch, start_batch] in shared memory: written by the main process before each
-        # epoch, read by (possibly persistent) workers when they start iterating.
-        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
-
-    # -- epochs --------------------------------------------------------------------
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's RNG streams; ``start_batch`` > 0 resumes mid-epoch (the
-        remaining ``batches_per_epoch - start_batch`` batches come from fresh streams
-        seeded with it, so resumed runs keep equal steps per epoch)."""
-        if epoch < 0 or start_batch < 0:
-            raise ValueError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
-        if self.batches_per_epoch is not None and start_batch > self.batches_per_epoch:
-            raise ValueError(f"start_batch={start_batch} > batches_per_epoch={self.batches_per_epoch}")
-        self._position[0], self._position[1] = epoch, start_batch
-
-    def __len__(self) -> int:
-        """Batches per epoch for this rank; only defined for resampled epochs."""
-        if not self.resampled or self.batches_per_epoch is None:
-            raise TypeError("length is only known with resampled=True and batches_per_epoch set")
-        return self.batches_per_epoch
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, start_batch = (int(v) for v in self._position.tolist())
-        return self.iterate(worker=worker, num_workers=num_workers, epoch=epoch, start_batch=start_batch)
-
-    def worker_batches(self, worker: int, num_workers: int, start_batch: int = 0) -> int | None:
-        """This worker's share of the rank's epoch (exact split; None = unbounded)."""
-        if not self.resampled or self.batches_per_epoch is None:
-            return None
-        remaining = self.batches_per_epoch - start_batch
-        return remaining // num_workers + (1 if worker < remaining % num_workers else 0)
 
     # -- the stream ----------------------------------------------------------------
 
     def iterate(self, *, worker: int = 0, num_workers: int = 1, epoch: int = 0, start_batch: int = 0) -> Iterator[dict]:
-        """The batches of one stream (rank ``self.rank``, worker ``worker``); public so
-        tests and tools can simulate any rank/worker without processes."""
-        shard_ss, shuffle_ss, frame_ss = np.random.SeedSequence(
-            [self.seed, self.rank, worker, epoch, start_batch]
-        ).spawn(3)
+        shard_ss, shuffle_ss, frame_ss = self.stream_seeds(worker, epoch, start_batch, 3)
         counter = _SkipCounter()
         limit = self.worker_batches(worker, num_workers, start_batch)
-        if limit == 0:
+        if limit == 0 or not (self.resampled or self.assigned_shards(worker, num_workers)):
             return
-        if self.resampled:
-            health = _Health(len(self.shards), counter)
-            urls = self._resampled_urls(np.random.default_rng(shard_ss))
-        else:
-            health = None
-            stream, num_streams = self.rank * num_workers + worker, self.world_size * num_workers
-            assigned = self.shards[stream::num_streams]
-            if not assigned:
-                log.info("vidgen.data: %d shard(s) for %d streams; stream %d has none", len(self.shards), num_streams, stream)
-                return
-            urls = iter(assigned)
+        health = _Health(len(self.shards), counter) if self.resampled else None
+        urls = self.stream_urls(shard_ss, worker, num_workers)
 
         samples = self._samples(urls, counter, health)
         if not self.deterministic and self.shuffle_buffer > 1:
-            samples = _shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
+            samples = shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
         batches = self._batches(samples, counter, health, np.random.default_rng(frame_ss))
 
         emitted = 0
@@ -233,10 +177,6 @@ class VideoShardDataset(IterableDataset):
                 "vidgen.data: rank %d worker %d produced no batch from %d shard(s); skipped: %s",
                 self.rank, worker, len(self.shards), counter.counts,
             )
-
-    def _resampled_urls(self, rng: np.random.Generator) -> Iterator[str]:
-        while True:
-            yield self.shards[int(rng.integers(len(self.shards)))]
 
     def _samples(self, urls: Iterator[str], counter: _SkipCounter, health: _Health | None) -> Iterator[_Sample]:
         """Validated, bucketed, still-encoded samples from a sequence of shards."""
@@ -401,20 +341,6 @@ class _Group:
         )
 
 
-def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """Streaming shuffle with a buffer of ``size`` items (WebDataset-style)."""
-    buffer: list = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = int(rng.integers(size))
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 def build_video_dataset(
     shards: str | Sequence[str],
     *,
@@ -475,7 +401,7 @@ def build_video_dataset(
         # One frame per sample: keep each distinct spatial shape once.
         bucket_list = list(dict.fromkeys(Bucket(1, b.height, b.width) for b in bucket_list))
 
-    env_rank, env_world = _dist_rank_world()
+    env_rank, env_world = dist_rank_world()
     rank = env_rank if rank is None else rank
     world_size = env_world if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:

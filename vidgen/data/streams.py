@@ -1,0 +1,129 @@
+"""What the video and latent datasets share: epochs, streams, shard order, shuffling.
+
+A stream is one (rank, loader worker). ``ShardStream`` keeps the epoch position in shared
+memory (the main process writes it before each epoch, possibly persistent workers read it
+when they start), splits a rank's ``batches_per_epoch`` exactly among its workers, seeds
+each stream's generators from (seed, rank, worker, epoch, start_batch), and hands out the
+stream's shard URLs:
+
+- ``resampled=True`` (training): endless draws with replacement from the full list, from
+  the stream's own generator, so streams are disjoint in distribution and reproducible;
+- ``resampled=False`` (validation): shard ``i`` goes to stream ``i mod num_streams``, read
+  once in order.
+
+Subclasses implement ``iterate(worker=, num_workers=, epoch=, start_batch=)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed if initialised, else env RANK/WORLD_SIZE."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Streaming shuffle with a buffer of ``size`` items (WebDataset-style)."""
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardStream(IterableDataset, ABC):
+    """Base of the shard-reading datasets (see the module docstring)."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        resampled: bool,
+        batches_per_epoch: int | None,
+        seed: int,
+        rank: int,
+        world_size: int,
+    ):
+        super().__init__()
+        if batches_per_epoch is not None and (not resampled or batches_per_epoch < 1):
+            raise ValueError(
+                f"batches_per_epoch={batches_per_epoch} needs resampled=True and a value >= 1"
+            )
+        self.shards = shards
+        self.resampled, self.batches_per_epoch = resampled, batches_per_epoch
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, start_batch]
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's RNG streams; ``start_batch`` > 0 resumes mid-epoch (the
+        remaining ``batches_per_epoch - start_batch`` batches come from fresh streams
+        seeded with it, so resumed runs keep equal steps per epoch)."""
+        if epoch < 0 or start_batch < 0:
+            raise ValueError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
+        if self.batches_per_epoch is not None and start_batch > self.batches_per_epoch:
+            raise ValueError(f"start_batch={start_batch} > batches_per_epoch={self.batches_per_epoch}")
+        self._position[0], self._position[1] = epoch, start_batch
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank; only defined for resampled epochs."""
+        if self.batches_per_epoch is None:
+            raise TypeError("length is only known with resampled=True and batches_per_epoch set")
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, start_batch = (int(v) for v in self._position.tolist())
+        return self.iterate(worker=worker, num_workers=num_workers, epoch=epoch, start_batch=start_batch)
+
+    @abstractmethod
+    def iterate(self, *, worker: int = 0, num_workers: int = 1, epoch: int = 0, start_batch: int = 0) -> Iterator[dict]:
+        """The batches of one stream (rank ``self.rank``, worker ``worker``); public so
+        tests and tools can simulate any rank/worker without processes."""
+
+    def worker_batches(self, worker: int, num_workers: int, start_batch: int = 0) -> int | None:
+        """This worker's share of the rank's epoch (exact split; None = unbounded)."""
+        if self.batches_per_epoch is None:
+            return None
+        remaining = self.batches_per_epoch - start_batch
+        return remaining // num_workers + (1 if worker < remaining % num_workers else 0)
+
+    def stream_seeds(self, worker: int, epoch: int, start_batch: int, n: int) -> list[np.random.SeedSequence]:
+        """``n`` independent seed sequences for one stream's generators."""
+        return np.random.SeedSequence([self.seed, self.rank, worker, epoch, start_batch]).spawn(n)
+
+    def assigned_shards(self, worker: int, num_workers: int) -> list[str]:
+        """A finite pass's (``resampled=False``) share of the shards for this stream."""
+        stream, num_streams = self.rank * num_workers + worker, self.world_size * num_workers
+        assigned = self.shards[stream::num_streams]
+        if not assigned:
+            log.info("vidgen.data: %d shard(s) for %d streams; stream %d has none",
+                     len(self.shards), num_streams, stream)
+        return assigned
+
+    def stream_urls(self, shard_seed: np.random.SeedSequence, worker: int, num_workers: int) -> Iterator[str]:
+        """The stream's shards: endless resampled draws, or its fixed share read once."""
+        if not self.resampled:
+            yield from self.assigned_shards(worker, num_workers)
+            return
+        rng = np.random.default_rng(shard_seed)
+        while True:
+            yield self.shards[int(rng.integers(len(self.shards)))]
