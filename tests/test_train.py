@@ -14,8 +14,8 @@ from vidgen.run import train
 from vidgen.utils.rundir import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_VAE = ["model.vae.base_dim=8", "model.vae.z_dim=4", "model.vae.dim_mult=[1,2,2,2]",
-            "model.vae.num_res_blocks=1"]
+# the demo layout (4x spatial, 4x temporal) at a smaller width
+TINY_VAE = ["model.vae.base_dim=8", "model.vae.z_dim=4", "model.vae.num_res_blocks=1"]
 
 
 def _cfg(tmp, data, experiment, *extra):
