@@ -65,6 +65,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import sync  # noqa: E402
+
 from vidgen.diffusion.flow import (  # noqa: E402
     flow_loss,
     interpolate,
@@ -346,11 +348,6 @@ def step_flops(cfg: dict, samples: list[tuple[int, int]], recompute: bool = Fals
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_interleaved(runs: dict, amp, device, repeats: int, clock=time.perf_counter) -> dict[str, list[list[float]]]:

@@ -41,6 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import mib, peak_bytes, sync  # noqa: E402
+
 from vidgen.losses.recon import vae_loss  # noqa: E402
 from vidgen.models.vae import WanVAE  # noqa: E402
 
@@ -112,34 +114,7 @@ def train_step(model, x, kind):
     loss.backward()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 # --------------------------------------------------------------------------- memory (child side)
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_bytes(fn, device) -> int:
-    """Peak memory that fn() adds above what was allocated when it started."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    base = _proc_status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
-    fn()
-    return (_proc_status_kib("VmHWM") - base) * 1024
 
 
 def run_case(args) -> dict:
@@ -180,10 +155,6 @@ def measure_in_subprocess(args, case: str) -> int:
 
 
 # --------------------------------------------------------------------------- report (parent side)
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:8.1f} MiB"
 
 
 def bench_training(args, device, dtype):

@@ -47,6 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import mib, peak_bytes, sync  # noqa: E402
+
 from vidgen.losses.gan import LeCam, adaptive_weight, hinge_d_loss, hinge_g_loss  # noqa: E402
 from vidgen.losses.recon import vae_loss  # noqa: E402
 from vidgen.models.vae import WanVAE  # noqa: E402
@@ -98,11 +100,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def clock(device):
     # CUDA: wall clock. CPU: this process's CPU seconds (less inflated by other tenants).
     return time.perf_counter() if device.type == "cuda" else time.process_time()
@@ -131,33 +128,7 @@ def smooth_clip(batch, frames, size, device, dtype, seed=1):
     return clip.to(device, dtype)
 
 
-def mib(n: float) -> str:
-    return f"{n / 2**20:8.1f} MiB"
-
-
 # --------------------------------------------------------------------------- A: tiling
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_bytes(fn, device) -> int:
-    """Peak memory that fn() adds above what was allocated when it started."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    base = _proc_status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
-    fn()
-    return (_proc_status_kib("VmHWM") - base) * 1024
 
 
 def tiling_vae(args, device, dtype) -> WanVAE:

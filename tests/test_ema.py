@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vidgen.utils import EMA, NonFiniteGuard, grads_finite
+from vidgen.utils.ema import ValidateWithEMA
 
 
 class OneParam(nn.Module):
@@ -123,6 +124,33 @@ def test_swap_into_restores_weights_also_after_exception():
             _ = 1 / 0
     assert model.w.item() == 3.0
     assert model.w.requires_grad
+
+
+class _Validated(ValidateWithEMA):
+    def __init__(self, model, ema):
+        self.model, self.ema = model, ema
+
+    def ema_model(self):
+        return self.model
+
+
+def test_validate_with_ema_swaps_for_the_validation_epoch_only():
+    model = OneParam(1.0)
+    ema = EMA(model, decay=0.5)
+    set_w(model, 3.0)
+    ema.update(model, step=0)  # shadow = 2.0
+    module = _Validated(model, ema)
+    module.on_validation_epoch_start()
+    assert model.w.item() == 2.0
+    module.on_validation_epoch_end()
+    assert model.w.item() == 3.0
+    module.on_validation_epoch_end()  # a second end is harmless
+    assert model.w.item() == 3.0
+
+    plain = _Validated(model, None)  # no EMA: nothing is swapped
+    plain.on_validation_epoch_start()
+    assert model.w.item() == 3.0
+    plain.on_validation_epoch_end()
 
 
 def test_copy_to_overwrites_model():

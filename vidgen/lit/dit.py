@@ -54,7 +54,7 @@ from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_effic
 from vidgen.models.dit.packing import PackedBatch
 from vidgen.sample import PIPELINE_NAME, generate_latents, sampling_shift
 from vidgen.utils.checkpoint import find_export, read_module_state
-from vidgen.utils.ema import EMA
+from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard
 from vidgen.utils.logging import log_video_grid
 
@@ -112,7 +112,7 @@ def _gathered(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.T
     return out
 
 
-class DiTModule(L.LightningModule):
+class DiTModule(ValidateWithEMA, L.LightningModule):
     """Train a `WanDiT` with rectified flow on packed latents.
 
     size: WAN_PRESETS key (tiny | 1.3B | 14B) or None. dit: WanDiT kwargs (None = preset's).
@@ -370,15 +370,8 @@ class DiTModule(L.LightningModule):
         self.log("lr", opt.param_groups[0]["lr"], **log)
 
     # ---------------------------------------------------------------- validation
-    def on_validation_epoch_start(self) -> None:
-        self._ema_ctx = self.ema.swap_into(self.dit) if self.ema is not None else None
-        if self._ema_ctx is not None:
-            self._ema_ctx.__enter__()
-
-    def on_validation_epoch_end(self) -> None:
-        if self._ema_ctx is not None:
-            self._ema_ctx.__exit__(None, None, None)
-            self._ema_ctx = None
+    def ema_model(self) -> torch.nn.Module:  # ValidateWithEMA: validation uses EMA weights
+        return self.dit
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         packs = self._packs(batch, train=False)

@@ -26,7 +26,7 @@ from vidgen.metrics.frames import psnr_per_frame
 from vidgen.models.vae import WanVAE, inflate_2d_to_3d
 from vidgen.models.vae.discriminator import Discriminator3D
 from vidgen.utils.checkpoint import find_export, read_module_state
-from vidgen.utils.ema import EMA
+from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard, grads_finite
 from vidgen.utils.logging import log_video_grid
 
@@ -51,7 +51,7 @@ def load_vae(path: str | os.PathLike, prefer_ema: bool = True) -> WanVAE:
     return vae
 
 
-class VAEModule(L.LightningModule):
+class VAEModule(ValidateWithEMA, L.LightningModule):
     """Train a `WanVAE` (stages 1-3).
 
     vae: `WanVAE` keyword arguments. loss: weights of `vae_loss` plus LPIPS settings.
@@ -228,15 +228,8 @@ class VAEModule(L.LightningModule):
         self.log("lr", opt_g.param_groups[0]["lr"])
 
     # ---------------------------------------------------------------- validation
-    def on_validation_epoch_start(self) -> None:
-        self._ema_ctx = self.ema.swap_into(self.vae) if self.ema is not None else None
-        if self._ema_ctx is not None:
-            self._ema_ctx.__enter__()
-
-    def on_validation_epoch_end(self) -> None:
-        if self._ema_ctx is not None:
-            self._ema_ctx.__exit__(None, None, None)
-            self._ema_ctx = None
+    def ema_model(self) -> torch.nn.Module:  # ValidateWithEMA: validation uses EMA weights
+        return self.vae
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["video"]

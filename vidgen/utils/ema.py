@@ -221,3 +221,26 @@ class EMA:
             f"EMA(decay={self.decay}, warmup_steps={self.warmup_steps}, "
             f"update_every={self.update_every}, tracked={n / 1e6:.2f}M params, updates={self.num_updates})"
         )
+
+
+class ValidateWithEMA:
+    """LightningModule mixin: validation epochs run on the EMA weights.
+
+    The module sets ``self.ema`` (an ``EMA`` or None) and defines ``ema_model()``, the
+    module the EMA tracks; the raw weights come back when the validation epoch ends.
+    """
+
+    _ema_ctx = None
+
+    def ema_model(self) -> nn.Module:
+        raise TypeError(f"{type(self).__name__} must define ema_model() to use ValidateWithEMA")
+
+    def on_validation_epoch_start(self) -> None:
+        if self.ema is not None:
+            self._ema_ctx = self.ema.swap_into(self.ema_model())
+            self._ema_ctx.__enter__()
+
+    def on_validation_epoch_end(self) -> None:
+        ctx, self._ema_ctx = self._ema_ctx, None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
