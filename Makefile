@@ -34,7 +34,7 @@ data/synthetic/train: | $(STAMP)
 	$(PY) -m vidgen.data.synthetic --out data/synthetic --num-videos 512 --val-videos 32 \
 		--size 64 --frames 17 --fps 8 --seed 0
 
-demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic data (CPU, ~11 min)
+demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic data (CPU, ~11-13 min)
 	rm -rf $(DEMO)
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage1 paths.run_dir=$(DEMO)/vae_stage1
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage2 paths.run_dir=$(DEMO)/vae_stage2 \
