@@ -3,6 +3,9 @@
     python bench/bench_data.py                       # synthetic 64px shards in a temp dir
     python bench/bench_data.py --size 128 --frames 33 --clip-frames 17 --workers 0 1 2 4
 
+Each setting runs with float32 batches (converted in the worker) and uint8 batches
+(pixels; the trainer converts them on its device, see ``VideoDataModule(transfer_dtype=)``).
+
 The baseline decodes the same kind of clips (same frame count, random start) from mp4
 bytes already in memory, in a plain loop with one decord thread: the cost the loader
 cannot avoid. The pipeline adds tar reading, shuffling, bucketing, float conversion and
@@ -19,6 +22,7 @@ it stays meaningful when the machine is busy.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import tarfile
@@ -57,13 +61,13 @@ def raw_decode_rate(videos: list[bytes], clip_frames: int, num_clips: int, seed:
     return num_clips / (time.perf_counter() - wall), num_clips / (time.process_time() - cpu)
 
 
-def pipeline_rate(shards: str, workers: int, args) -> tuple[float, float]:
+def pipeline_rate(shards: str, workers: int, args, dtype: str = "float32") -> tuple[float, float]:
     """(clips/s after a warm-up batch per worker, clips per CPU-s over the whole run)."""
     num_batches = args.clips // args.batch_size
     dataset = build_video_dataset(
         shards, num_frames=args.clip_frames, height=args.size, width=args.size,
         batch_size=args.batch_size, batches_per_epoch=num_batches + max(1, workers),
-        shuffle_buffer=args.shuffle_buffer, seed=0,
+        shuffle_buffer=args.shuffle_buffer, seed=0, dtype=dtype,
     )
     loader = DataLoader(dataset, batch_size=None, num_workers=workers)
     cpu_main, cpu_children = time.process_time(), _children_cpu()
@@ -89,6 +93,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--shuffle-buffer", type=int, default=50)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "uint8"], choices=["float32", "uint8"],
+                        help="batch dtype out of the pipeline (uint8: converted on the device later)")
     parser.add_argument("--trials", type=int, default=3, help="runs per setting; the best is shown")
     args = parser.parse_args()
 
@@ -108,11 +114,11 @@ def main() -> None:
         print(header)
         print("-" * len(header))
         print(f"{'raw decord loop':<26}{raw_wall:>9.1f}{raw_wall:>12.1f}{1.0:>8.2f}{raw_cpu:>13.1f}{1.0:>8.2f}")
-        for workers in args.workers:
-            runs = [pipeline_rate(shards, workers, args) for _ in range(args.trials)]
+        for dtype, workers in itertools.product(args.dtypes, args.workers):
+            runs = [pipeline_rate(shards, workers, args, dtype) for _ in range(args.trials)]
             wall, cpu = max(r[0] for r in runs), max(r[1] for r in runs)
             per_worker = wall / max(1, workers)
-            label = f"pipeline, {workers} worker(s)"
+            label = f"{dtype}, {workers} worker(s)"
             print(f"{label:<26}{wall:>9.1f}{per_worker:>12.1f}{per_worker / raw_wall:>8.2f}"
                   f"{cpu:>13.1f}{cpu / raw_cpu:>8.2f}")
 

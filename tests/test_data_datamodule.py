@@ -89,6 +89,19 @@ def fit(data, root, ckpt_path=None, callbacks=()):
     return model.seen, trainer.global_step
 
 
+def test_uint8_transfer_is_converted_after_the_batch_transfer(data):
+    as_uint8, as_float = make_dm(data, transfer_dtype="uint8"), make_dm(data, transfer_dtype="float32")
+    raw = next(iter(as_uint8.train_dataloader()))
+    assert raw["video"].dtype == torch.uint8
+    converted = as_uint8.on_after_batch_transfer(raw, 0)
+    expected = next(iter(as_float.train_dataloader()))
+    assert converted["key"] == expected["key"] and torch.equal(converted["video"], expected["video"])
+    with pytest.raises(ValueError, match="transfer_dtype"):
+        make_dm(data, transfer_dtype="float16")
+    with pytest.raises(ValueError, match="transfer_dtype"):
+        VideoDataModule(train=dict(shards=str(data / "train"), dtype="uint8"))
+
+
 def test_trainer_epochs_and_mid_epoch_resume(data, tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
     full, steps = fit(data, tmp_path / "a", callbacks=[checkpoint])

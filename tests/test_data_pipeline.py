@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from vidgen.data.pipeline import SKIP_REASONS, build_video_dataset
 from vidgen.data.synthetic import make_synthetic_dataset
-from vidgen.data.video import encode_mp4, probe_video, resize_crop
+from vidgen.data.video import encode_mp4, probe_video, resize_crop, to_model_range
 
 
 def clip_frames(num_frames: int, height: int, width: int, seed: int) -> np.ndarray:
@@ -81,6 +81,33 @@ def test_round_trip_matches_decord_after_same_resize(tmp_path):
         frames = decord.VideoReader(io.BytesIO(mp4), num_threads=1).get_batch(expected_indices).asnumpy()
         assert torch.equal(batch["video"][i], resize_crop(frames, 32, 32))
     assert int(batch["num_skipped"]) == 0
+
+
+@pytest.mark.parametrize("size", [32, 24])  # the shards' own size (crop only), and a resize
+def test_uint8_batches_give_the_float_batches_after_conversion(synth, size):
+    kwargs = dict(num_frames=5, height=size, width=size, batch_size=4, batches_per_epoch=3,
+                  shuffle_buffer=8, seed=3)
+    as_float = list(build_video_dataset(str(synth / "train"), **kwargs))
+    as_uint8 = list(build_video_dataset(str(synth / "train"), dtype="uint8", **kwargs))
+    assert [b["key"] for b in as_uint8] == [b["key"] for b in as_float]
+    for u, f in zip(as_uint8, as_float):
+        assert u["video"].dtype == torch.uint8 and u["video"].shape == f["video"].shape
+        converted = to_model_range(u["video"])
+        assert converted.dtype == torch.float32
+        if size == 32:
+            assert torch.equal(converted, f["video"])
+        else:  # resized pixels are rounded to uint8: at most half a level apart
+            assert (converted - f["video"]).abs().max() <= 0.5 / 127.5 + 1e-6
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        build_video_dataset(str(synth / "train"), dtype="float16")
+
+
+def test_uint8_batches_through_worker_processes(synth):
+    ds = build_video_dataset(str(synth / "train"), num_frames=5, height=32, width=32, batch_size=2,
+                             batches_per_epoch=2, shuffle_buffer=4, dtype="uint8")
+    batches = list(DataLoader(ds, batch_size=None, num_workers=1))
+    assert len(batches) == 2 and all(b["video"].dtype == torch.uint8 for b in batches)
+    assert max(int(b["video"].max()) for b in batches) > 128  # pixels, not [-1, 1]
 
 
 def test_target_fps_spacing(tmp_path):

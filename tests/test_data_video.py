@@ -15,6 +15,7 @@ from vidgen.data.video import (
     probe_video,
     resize_crop,
     sample_frame_indices,
+    to_model_range,
     write_mp4,
 )
 
@@ -121,8 +122,22 @@ def test_resize_crop_writes_into_out():
     result = resize_crop(frames, 32, 32, out=batch[1])
     assert result.data_ptr() == batch[1].data_ptr()
     assert torch.equal(batch[1], resize_crop(frames, 32, 32)) and not batch[0].any()
-    with pytest.raises(ValueError, match=r"out must be contiguous float32 \[3, 4, 32, 32\]"):
+    with pytest.raises(ValueError, match=r"out must be contiguous float32 or uint8 \[3, 4, 32, 32\]"):
         resize_crop(frames, 32, 32, out=torch.zeros(3, 4, 32, 31))
+    with pytest.raises(ValueError, match=r"got torch.float64"):
+        resize_crop(frames, 32, 32, out=torch.zeros(3, 4, 32, 32, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size", [(48, 64), (32, 40)])  # resize + crop, crop only
+def test_resize_crop_uint8_out_rounds_the_float_result(size):
+    frames = make_frames(4, *size)
+    pixels = resize_crop(frames, 32, 32, out=torch.empty(3, 4, 32, 32, dtype=torch.uint8))
+    as_float = resize_crop(frames, 32, 32)
+    assert pixels.dtype == torch.uint8
+    assert (to_model_range(pixels) - as_float).abs().max() <= 0.5 / 127.5 + 1e-6
+    if size == (32, 40):
+        assert torch.equal(to_model_range(pixels), as_float)
+    assert to_model_range(as_float) is as_float  # float input passes through
 
 
 def test_resize_crop_rejects_bad_layout():

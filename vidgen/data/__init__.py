@@ -12,6 +12,7 @@ from vidgen.data.video import (
     probe_video,
     resize_crop,
     sample_frame_indices,
+    to_model_range,
     write_mp4,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "probe_video",
     "resize_crop",
     "sample_frame_indices",
+    "to_model_range",
     "write_mp4",
 ]

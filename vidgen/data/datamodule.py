@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vidgen.data.pipeline import VideoShardDataset, build_video_dataset
+from vidgen.data.pipeline import BATCH_DTYPES, VideoShardDataset, build_video_dataset
+from vidgen.data.video import to_model_range
 
 
 def to_builtin(value):
@@ -84,6 +85,11 @@ class VideoDataModule(L.LightningDataModule):
         seed: base seed of all data RNG streams.
         pin_memory: pin batches for faster host-to-GPU copies.
         persistent_workers: keep workers alive between epochs (when num_workers > 0).
+        transfer_dtype: "uint8" ships pixels from the workers and converts them to float32
+            in [-1, 1] on the training device after the transfer (a quarter of the bytes
+            through shared memory and to the GPU); "float32" converts in the workers. The
+            model sees the same values either way (resized frames differ by the uint8
+            rounding of the resize).
     """
 
     def __init__(
@@ -95,8 +101,12 @@ class VideoDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        transfer_dtype: str = "float32",
     ):
         super().__init__()
+        if transfer_dtype not in BATCH_DTYPES:
+            raise ValueError(f"transfer_dtype must be one of {sorted(BATCH_DTYPES)}, got {transfer_dtype!r}")
+        self.transfer_dtype = transfer_dtype
         self.train_kwargs = self._check_kwargs(to_builtin(train), "train", batch_size, seed)
         self.val_kwargs = self._check_kwargs(to_builtin(val), "val", batch_size, seed) if val is not None else None
         if num_workers < 0:
@@ -112,6 +122,8 @@ class VideoDataModule(L.LightningDataModule):
     def _check_kwargs(kwargs: dict, name: str, batch_size: int, seed: int) -> dict:
         if not isinstance(kwargs, dict) or "shards" not in kwargs:
             raise ValueError(f"VideoDataModule({name}=...) needs a dict with 'shards', got {kwargs!r}")
+        if "dtype" in kwargs:
+            raise ValueError(f"set the batch dtype with VideoDataModule(transfer_dtype=...), not {name}.dtype")
         for key, value in (("batch_size", batch_size), ("seed", seed)):
             if key in kwargs and kwargs[key] != value:
                 raise ValueError(
@@ -152,11 +164,17 @@ class VideoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Built here, not in __init__, so that torch.distributed is up and the rank known.
-        dataset = build_video_dataset(**self.train_kwargs)
+        dataset = build_video_dataset(**self.train_kwargs, dtype=self.transfer_dtype)
         return self._loader(dataset, self._train_position)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_kwargs is None:
             return []  # Lightning runs no validation for an empty list
-        dataset = build_video_dataset(**{"resampled": False, **self.val_kwargs})
+        dataset = build_video_dataset(**{"resampled": False, **self.val_kwargs}, dtype=self.transfer_dtype)
         return self._loader(dataset, lambda: (0, 0))
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """uint8 batches become float32 in [-1, 1] here, on the training device."""
+        if isinstance(batch, dict) and "video" in batch:
+            batch = {**batch, "video": to_model_range(batch["video"])}
+        return batch

@@ -52,6 +52,8 @@ SKIP_REASONS = (
     "decode_error",  # decord could not decode the chosen frames
 )
 
+BATCH_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
+
 # Resampled streams are infinite: if every shard keeps failing, stop with an error
 # instead of spinning forever. Both conditions must hold (see _Health).
 _MIN_CONSECUTIVE_FAILURES = 200
@@ -113,7 +115,8 @@ class VideoShardDataset(ShardStream):
 
     Yields dicts (already collated; use a DataLoader with ``batch_size=None``)::
 
-        video:       float32 [B, 3, T, H, W] in [-1, 1]   (image mode: T = 1)
+        video:       float32 [B, 3, T, H, W] in [-1, 1]   (image mode: T = 1), or with
+                     dtype="uint8" the pixels 0..255 (to_model_range maps them later)
         caption:     list[str], length B
         key:         list[str]
         meta:        list[dict]  shard JSON + frame_indices, bucket ("FxHxW"), shard url
@@ -137,11 +140,13 @@ class VideoShardDataset(ShardStream):
         deterministic: bool,
         rank: int,
         world_size: int,
+        dtype: str = "float32",
     ):
         super().__init__(
             shards, resampled=resampled, batches_per_epoch=batches_per_epoch, seed=seed,
             rank=rank, world_size=world_size,
         )
+        self.dtype = BATCH_DTYPES[dtype]
         self.mode = mode
         self.buckets = buckets
         self.frame_stride = frame_stride
@@ -275,7 +280,7 @@ class VideoShardDataset(ShardStream):
         for s in samples:
             group = pending.get(s.bucket)
             if group is None:
-                group = pending[s.bucket] = _Group(s.bucket, self.batch_size)
+                group = pending[s.bucket] = _Group(s.bucket, self.batch_size, self.dtype)
             try:
                 # Clips go straight into their slot of the batch tensor: no stacking copy.
                 indices = self._decode_into(s, rng, group.video[len(group.samples)])
@@ -304,13 +309,13 @@ class VideoShardDataset(ShardStream):
                 yield pending[bucket].collate(counter)
 
 
-def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor; in a loader worker it lives in shared memory (as
-    in torch's default_collate), so handing the batch to the main process copies nothing.
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a loader worker it lives in shared memory (as in
+    torch's default_collate), so handing the batch to the main process copies nothing.
     """
     if get_worker_info() is None:
-        return torch.empty(shape)
-    template = torch.empty(0)
+        return torch.empty(shape, dtype=dtype)
+    template = torch.empty(0, dtype=dtype)
     storage = template._typed_storage()._new_shared(math.prod(shape), device="cpu")
     return template.new(storage).resize_(shape)
 
@@ -318,8 +323,8 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
 class _Group:
     """A batch being filled for one bucket: clips are decoded into ``video`` in place."""
 
-    def __init__(self, bucket: Bucket, batch_size: int):
-        self.video = _batch_tensor((batch_size, 3, bucket.frames, bucket.height, bucket.width))
+    def __init__(self, bucket: Bucket, batch_size: int, dtype: torch.dtype):
+        self.video = _batch_tensor((batch_size, 3, bucket.frames, bucket.height, bucket.width), dtype)
         self.bucket = bucket
         self.samples: list[_Sample] = []
         self.indices: list[list[int]] = []
@@ -359,6 +364,7 @@ def build_video_dataset(
     deterministic: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
+    dtype: str = "float32",
 ) -> VideoShardDataset:
     """Build the bucketed video stream (see the module docstring and VideoShardDataset).
 
@@ -375,7 +381,12 @@ def build_video_dataset(
         seed: base of every RNG stream (with rank, worker, epoch).
         deterministic: centred clips and no shuffle even when resampled.
         rank, world_size: override torch.distributed / env RANK, WORLD_SIZE.
+        dtype: "float32" (clips in [-1, 1]) or "uint8" (pixels 0..255: a quarter of the
+            bytes between worker and trainer; ``vidgen.data.video.to_model_range`` converts
+            on the device, as ``VideoDataModule`` does after the batch transfer).
     """
+    if dtype not in BATCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(BATCH_DTYPES)}, got {dtype!r}")
     if mode not in ("video", "image"):
         raise ValueError(f"mode must be 'video' or 'image', got {mode!r}")
     if batch_size < 1:
@@ -421,4 +432,5 @@ def build_video_dataset(
         deterministic=deterministic,
         rank=rank,
         world_size=world_size,
+        dtype=dtype,
     )

@@ -201,11 +201,13 @@ def resize_crop(
 
     Args:
         frames: uint8 ``[T, H, W, 3]`` (numpy or torch).
-        out: optional contiguous float32 CPU tensor ``[3, T, height, width]`` to write
-            into (e.g. one slot of a batch), saving an allocation and a copy.
+        out: optional contiguous float32 or uint8 CPU tensor ``[3, T, height, width]`` to
+            write into (e.g. one slot of a batch), saving an allocation and a copy. A uint8
+            ``out`` keeps pixel values (0..255, resized values rounded); ``to_model_range``
+            maps them to ``[-1, 1]`` later, e.g. on the GPU.
 
     Returns:
-        float32 ``[3, T, height, width]`` in ``[-1, 1]`` (``out`` when given).
+        float32 ``[3, T, height, width]`` in ``[-1, 1]`` (``out`` when given, in its dtype).
     """
     if height < 1 or width < 1:
         raise ValueError(f"target size must be positive, got {height}x{width}")
@@ -213,8 +215,11 @@ def resize_crop(
     t, h, w, _ = x.shape
     if out is None:
         out = torch.empty((3, t, height, width), dtype=torch.float32)
-    elif out.shape != (3, t, height, width) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous float32 [3, {t}, {height}, {width}], got {out.dtype} {tuple(out.shape)}")
+    elif (out.shape != (3, t, height, width) or out.dtype not in (torch.float32, torch.uint8)
+          or not out.is_contiguous()):
+        raise ValueError(
+            f"out must be contiguous float32 or uint8 [3, {t}, {height}, {width}], got {out.dtype} {tuple(out.shape)}"
+        )
     scale = max(height / h, width / w)
     # Cover the target in both dimensions; rounding must never leave us short of it.
     new_h = max(height, int(round(h * scale)))
@@ -224,15 +229,30 @@ def resize_crop(
         # Crop only (the common case once shards are made at training size): numpy on
         # one thread; torch's intra-op threads would spin on the cores the decoder needs.
         # Transposing the uint8 bytes first keeps the float pass contiguous.
-        crop = np.ascontiguousarray(x[:, top : top + height, left : left + width].transpose(3, 0, 1, 2))
+        crop = x[:, top : top + height, left : left + width].transpose(3, 0, 1, 2)
         result = out.numpy()
+        if out.dtype == torch.uint8:
+            np.copyto(result, crop)
+            return out
+        crop = np.ascontiguousarray(crop)
         np.multiply(crop, np.float32(1 / 127.5), out=result)
         result -= 1.0
         return out
     y = _resize(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float(), new_h, new_w)
     y = y[:, :, top : top + height, left : left + width].permute(1, 0, 2, 3)
+    if out.dtype == torch.uint8:
+        return out.copy_(y.round_().clamp_(0, 255))
     torch.mul(y, 1 / 127.5, out=out)
     return out.sub_(1.0).clamp_(-1.0, 1.0)
+
+
+def to_model_range(video: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (a ``dtype="uint8"`` batch) -> float32 in ``[-1, 1]``, on their device;
+    float input is returned as it is. Gives the same values as the float32 pipeline for
+    frames that were not resized."""
+    if video.dtype != torch.uint8:
+        return video
+    return video.float().mul_(1 / 127.5).sub_(1.0)
 
 
 def fit_within(height: int, width: int, max_side: int | None) -> tuple[int, int]:
