@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-slow demo bench lint clean
+.PHONY: help install test test-slow demo bench gpu-wheels lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,7 +34,7 @@ data/synthetic/train: | $(STAMP)
 	$(PY) -m vidgen.data.synthetic --out data/synthetic --num-videos 512 --val-videos 32 \
 		--size 64 --frames 17 --fps 8 --seed 0
 
-demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic data (CPU, ~11-13 min)
+demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic data (CPU, ~11-23 min)
 	rm -rf $(DEMO)
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage1 paths.run_dir=$(DEMO)/vae_stage1
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage2 paths.run_dir=$(DEMO)/vae_stage2 \
@@ -66,6 +66,19 @@ bench: $(STAMP)  ## benchmarks against peer implementations (prints ratios)
 	$(PY) bench/bench_vae.py
 	$(PY) bench/bench_vae_stage3.py
 	$(PY) bench/bench_dit.py
+
+# what bench/gpu_check.sh needs beyond a CUDA PyTorch image, at the versions in .venv
+GPU_WHEELS  := hydra-core omegaconf webdataset braceexpand decord lpips diffusers av pytest-timeout
+GPU_PYTHON  ?= 3.12
+gpu-wheels: $(STAMP)  ## download the wheels bench/gpu_check.sh installs on an offline GPU machine
+	rm -rf .wheels
+	$(PY) -m pip freeze | grep -iE '^($(subst $(eval) ,|,$(GPU_WHEELS)))==' > .wheels.txt
+	$(PY) -m pip download -q --dest .wheels --python-version $(GPU_PYTHON) --only-binary=:all: \
+		--no-deps -r .wheels.txt
+	$(PY) -m pip download -q --dest .wheels --no-deps --no-binary=:all: \
+		$$($(PY) -m pip freeze | grep -i '^antlr4-python3-runtime==')
+	rm .wheels.txt
+	du -sh .wheels
 
 lint: $(STAMP)  ## ruff
 	$(PY) -m ruff check vidgen tests bench train.py eval.py

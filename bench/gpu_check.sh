@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The checks only a CUDA GPU can make, as one script (a few minutes on one H100 / H200):
+#
+#   bash bench/gpu_check.sh [OUT_DIR]          # default OUT_DIR: $OUT, else outputs/gpu_check
+#
+#   1. env         the GPU, torch and CUDA versions, the attention backends vidgen finds;
+#   2. cuda_tests  pytest -m cuda: varlen flash attention == SDPA, packed bf16 forward ==
+#                  per-sample forwards with the automatic backend;
+#   3. vae_bf16    a 300-step bf16-mixed VAE stage-1 run on the GPU (trainer=gpu) on freshly
+#                  generated synthetic clips: the loss must fall and stay finite;
+#   4. mfu         bench/bench_dit.py for the 1.3B shape in bf16 with activation
+#                  checkpointing: tokens/s vs diffusers and MFU (target >= 40%), also as JSON.
+#
+# Each step writes OUT_DIR/<step>.log and a line to OUT_DIR/summary.txt; a failing step does
+# not stop the later ones, and the script's exit status is 1 if any step failed.
+#
+# PY (default: .venv/bin/python if present, else python3) runs everything. On a machine with
+# a CUDA PyTorch but without vidgen's other packages and no package index (the lent GPU
+# machines), first run `make gpu-wheels` where the index is reachable: it downloads the
+# missing pure-Python and manylinux wheels into .wheels/, which this script installs with
+# --no-index when the folder is there. vidgen itself runs from the checkout (PYTHONPATH).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR=${1:-${OUT:-outputs/gpu_check}}
+if [[ -z ${PY:-} ]]; then
+    if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+STEP_TIMEOUT=${STEP_TIMEOUT:-420}
+mkdir -p "$OUT_DIR"
+: > "$OUT_DIR/summary.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
+
+if [[ -d .wheels ]]; then
+    echo "== installing .wheels/ into $PY"
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation .wheels/* || exit 1
+fi
+
+failed=0
+step() {  # step NAME COMMAND...: run with a time limit, log, record rc and seconds
+    local name=$1 start=$SECONDS rc
+    shift
+    echo "== $name: $*"
+    timeout "$STEP_TIMEOUT" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+    rc=${PIPESTATUS[0]}
+    echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT_DIR/summary.txt"
+    [[ $rc == 0 ]] || failed=1
+}
+
+step env "$PY" - <<'EOF'
+import torch
+from vidgen.models.dit.attention import available_backends
+
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+if not torch.cuda.is_available():
+    raise SystemExit("no CUDA device visible: the checks below need one")
+print("device", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+print("attention backends (cuda, bf16):", available_backends("cuda", torch.bfloat16))
+EOF
+
+step cuda_tests "$PY" -m pytest -q -p no:cacheprovider -m cuda -o addopts="" tests
+
+# the run's train/loss: finite throughout, and lower over the last third of the logged values
+# than over the first third
+export LOSS_FELL='
+import csv, math, sys
+with open(sys.argv[1]) as f:
+    loss = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+n = max(1, len(loss) // 3)
+first, last = sum(loss[:n]) / n, sum(loss[-n:]) / n
+print(f"train/loss: {len(loss)} logged values, mean of the first {n} {first:.4f}, of the last {n} {last:.4f}")
+if not all(math.isfinite(x) for x in loss) or not last < first:
+    raise SystemExit("the bf16 loss did not fall or was not finite")
+'
+data=$(mktemp -d)
+step vae_bf16 bash -c "
+    '$PY' -m vidgen.data.synthetic --out '$data' --num-videos 128 --val-videos 8 --size 64 \
+        --frames 17 --seed 0 &&
+    '$PY' train.py experiment=demo/vae_stage1 trainer=gpu trainer.max_steps=300 \
+        data.train.shards='$data/train' data.val.shards='$data/val' data.num_workers=4 \
+        paths.run_dir='$data/run' &&
+    '$PY' -c \"\$LOSS_FELL\" '$data/run/csv/metrics.csv'"
+rm -rf "$data"
+
+step mfu "$PY" bench/bench_dit.py --device cuda --dtype bfloat16 --size 1.3B --checkpointing \
+    --json "$OUT_DIR/dit.json"
+
+cat "$OUT_DIR/summary.txt"
+exit $failed
