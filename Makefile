@@ -8,6 +8,11 @@ STAMP  := $(VENV)/.installed
 DEMO   := outputs/demo
 # held-out reconstruction of the demo VAEs: the 32 validation clips, 17 frames, 64px
 DEMO_EVAL := data.shards=data/synthetic/val data.height=64 data.width=64 metrics.lpips=false metrics.fvd=false
+# what the demo DiT samples (one mp4 each)
+DEMO_PROMPTS := a red circle moving left to right on a blue striped background,\
+	a yellow square moving top to bottom on a green gradient background,\
+	a white triangle moving from top left to bottom right on a purple checkered background,\
+	a cyan diamond moving right to left on an orange striped background
 export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
@@ -50,7 +55,7 @@ demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic 
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/dit_stage2 paths.run_dir=$(DEMO)/dit_stage2 \
 		model.init_from=$(DEMO)/dit_stage1
 	$(PY) -m vidgen.sample ckpt=$(DEMO)/dit_stage2 \
-		'prompt=[a red circle moving left to right on a blue striped background]' \
+		'prompt=[$(DEMO_PROMPTS)]' \
 		num_frames=9 height=64 width=64 out=$(DEMO)/samples
 	$(PY) eval.py task=vae_recon ckpt=$(DEMO)/vae_stage2 $(DEMO_EVAL) out=$(DEMO)/eval_vae_stage2
 	$(PY) eval.py task=vae_recon ckpt=$(DEMO)/vae_stage3 $(DEMO_EVAL) out=$(DEMO)/eval
