@@ -72,17 +72,17 @@ bench: $(STAMP)  ## benchmarks against peer implementations (prints ratios)
 	$(PY) bench/bench_vae_stage3.py
 	$(PY) bench/bench_dit.py
 
-# what bench/gpu_check.sh needs beyond a CUDA PyTorch image, at the versions in .venv
-GPU_WHEELS  := hydra-core omegaconf webdataset braceexpand decord lpips diffusers av pytest-timeout
+# what bench/gpu_check.sh needs beyond a CUDA PyTorch image (a regex of names), at the versions
+# in .venv; antlr4-python3-runtime (hydra's parser) comes as an sdist
+GPU_WHEELS  := hydra-core|omegaconf|webdataset|braceexpand|decord|lpips|diffusers|av|pytest-timeout
 GPU_PYTHON  ?= 3.12
 gpu-wheels: $(STAMP)  ## download the wheels bench/gpu_check.sh installs on an offline GPU machine
 	rm -rf .wheels
-	$(PY) -m pip freeze | grep -iE '^($(subst $(eval) ,|,$(GPU_WHEELS)))==' > .wheels.txt
+	reqs=$$($(PY) -m pip freeze) && \
 	$(PY) -m pip download -q --dest .wheels --python-version $(GPU_PYTHON) --only-binary=:all: \
-		--no-deps -r .wheels.txt
+		--no-deps $$(echo "$$reqs" | grep -iE '^($(GPU_WHEELS))==') && \
 	$(PY) -m pip download -q --dest .wheels --no-deps --no-binary=:all: \
-		$$($(PY) -m pip freeze | grep -i '^antlr4-python3-runtime==')
-	rm .wheels.txt
+		$$(echo "$$reqs" | grep -i '^antlr4-python3-runtime==')
 	du -sh .wheels
 
 lint: $(STAMP)  ## ruff

@@ -7,7 +7,7 @@
 #   2. cuda_tests  pytest -m cuda: varlen flash attention == SDPA, packed bf16 forward ==
 #                  per-sample forwards with the automatic backend;
 #   3. vae_bf16    a 300-step bf16-mixed VAE stage-1 run on the GPU (trainer=gpu) on freshly
-#                  generated synthetic clips: the loss must fall and stay finite;
+#                  generated synthetic clips; vae_loss: its loss must fall and stay finite;
 #   4. mfu         bench/bench_dit.py for the 1.3B shape in bf16 with activation
 #                  checkpointing: tokens/s vs diffusers and MFU (target >= 40%), also as JSON.
 #
@@ -60,10 +60,16 @@ EOF
 
 step cuda_tests "$PY" -m pytest -q -p no:cacheprovider -m cuda -o addopts="" tests
 
-# the run's train/loss: finite throughout, and lower over the last third of the logged values
-# than over the first third
-export LOSS_FELL='
+data=$(mktemp -d)
+"$PY" -m vidgen.data.synthetic --out "$data" --num-videos 128 --val-videos 8 --size 64 --frames 17 --seed 0
+step vae_bf16 "$PY" train.py experiment=demo/vae_stage1 trainer=gpu trainer.max_steps=300 \
+    data.train.shards="$data/train" data.val.shards="$data/val" data.num_workers=4 \
+    paths.run_dir="$data/run"
+# that run's train/loss: finite throughout, and lower over the last third of the logged
+# values than over the first third
+step vae_loss "$PY" - "$data/run/csv/metrics.csv" <<'EOF'
 import csv, math, sys
+
 with open(sys.argv[1]) as f:
     loss = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
 n = max(1, len(loss) // 3)
@@ -71,15 +77,7 @@ first, last = sum(loss[:n]) / n, sum(loss[-n:]) / n
 print(f"train/loss: {len(loss)} logged values, mean of the first {n} {first:.4f}, of the last {n} {last:.4f}")
 if not all(math.isfinite(x) for x in loss) or not last < first:
     raise SystemExit("the bf16 loss did not fall or was not finite")
-'
-data=$(mktemp -d)
-step vae_bf16 bash -c "
-    '$PY' -m vidgen.data.synthetic --out '$data' --num-videos 128 --val-videos 8 --size 64 \
-        --frames 17 --seed 0 &&
-    '$PY' train.py experiment=demo/vae_stage1 trainer=gpu trainer.max_steps=300 \
-        data.train.shards='$data/train' data.val.shards='$data/val' data.num_workers=4 \
-        paths.run_dir='$data/run' &&
-    '$PY' -c \"\$LOSS_FELL\" '$data/run/csv/metrics.csv'"
+EOF
 rm -rf "$data"
 
 step mfu "$PY" bench/bench_dit.py --device cuda --dtype bfloat16 --size 1.3B --checkpointing \
