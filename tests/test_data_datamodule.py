@@ -59,6 +59,13 @@ def test_accepts_omegaconf_and_rejects_conflicts(data):
         VideoDataModule(train=dict(shards="x", batch_size=4), batch_size=2)
     with pytest.raises(ValueError, match="needs a dict with 'shards'"):
         VideoDataModule(train=dict(num_frames=5))
+    # bucket specs and weights fail when the module is built, not when training starts
+    with pytest.raises(ValueError, match=r"VideoDataModule\(train=...\): bucket_weights has 1 entries \[1\] for the 2"):
+        VideoDataModule(train=dict(shards="x", buckets=["5x32x32", "1x32x32"], bucket_weights=[1]))
+    with pytest.raises(ValueError, match=r"VideoDataModule\(val=...\): bucket_weights.* only apply to resampled"):
+        VideoDataModule(train=dict(shards="x"), val=dict(shards="x", bucket_weights=[1]))
+    with pytest.raises(ValueError, match="bucket '5x32' is not of the form FRAMESxHEIGHTxWIDTH"):
+        VideoDataModule(train=dict(shards="x", buckets=["5x32"]))
 
 
 class Recorder(L.LightningModule):
@@ -111,6 +118,8 @@ def test_trainer_epochs_and_mid_epoch_resume(data, tmp_path):
     assert [k for _, _, k in full[:3]] == keys_of(plain)
     assert [k for _, _, k in full[3:]] == keys_of(plain)
 
-    # Resume after step 4 (epoch 1, batch 0 done): exactly the 2 remaining batches run.
+    # Resume after step 4 (epoch 1, batch 0 done): exactly the 2 remaining batches run, and
+    # they are the batches of the uninterrupted run.
     resumed, steps = fit(data, tmp_path / "b", ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
     assert steps == 6 and [(e, i) for e, i, _ in resumed] == [(1, 1), (1, 2)]
+    assert [k for _, _, k in resumed] == [k for _, _, k in full[4:]]

@@ -224,10 +224,61 @@ def test_batches_never_mix_buckets(tmp_path):
     assert sorted(keys) == sorted(s[0] for s in samples)
     for b in batches:
         (bucket,) = {m["bucket"] for m in b["meta"]}
+        assert b["bucket"] == bucket  # also at the top level, one string per batch
         frames, height, width = (int(v) for v in bucket.split("x"))
         assert b["video"].shape[1:] == (3, frames, height, width)
     # Full batches first (as filled), then the partial ones flushed at the end.
     assert [len(b["key"]) for b in batches] == [2, 2, 1, 1]
+
+
+CHI2_3DF_1E4 = 21.11  # scipy.stats.chi2.ppf(1 - 1e-4, 3)
+
+
+def test_each_sample_draws_among_the_buckets_it_fits_with_the_weights(tmp_path):
+    long = [good(f"long{i}", num_frames=17, height=32, width=32, seed=i) for i in range(4)]
+    shard = write_shard(tmp_path, [*long, good("short", num_frames=7, height=32, width=32, seed=9)])
+    buckets, weights = ["1x32x32", "5x32x32", "9x32x32", "17x32x32"], [1, 2, 1, 4]
+    ds = build_video_dataset(str(shard), buckets=buckets, bucket_weights=weights, batch_size=1,
+                             batches_per_epoch=240, shuffle_buffer=1, seed=0)
+    batches = list(ds)
+    assert len(batches) == 240
+    drawn = {"long": [], "short": []}
+    for b in batches:
+        (m,) = b["meta"]
+        frames, height, width = (int(v) for v in b["bucket"].split("x"))
+        assert m["bucket"] == b["bucket"] and b["video"].shape == (1, 3, frames, height, width)
+        assert len(m["frame_indices"]) == frames and max(m["frame_indices"]) < m["num_frames"]
+        drawn["short" if b["key"] == ["short"] else "long"].append(b["bucket"])
+    assert set(drawn["short"]) == {"1x32x32", "5x32x32"}  # never a bucket it cannot fill
+    counts, n = {k: drawn["long"].count(k) for k in buckets}, len(drawn["long"])
+    chi2 = sum((counts[k] - n * w / 8) ** 2 / (n * w / 8) for k, w in zip(buckets, weights))
+    assert chi2 < CHI2_3DF_1E4, counts
+    # reproducible: the draws come from the stream's seeded generator
+    again = build_video_dataset(str(shard), buckets=buckets, bucket_weights=weights, batch_size=1,
+                                batches_per_epoch=40, shuffle_buffer=1, seed=0)
+    assert [b["bucket"] for b in again] == [b["bucket"] for b in batches[:40]]
+    other = build_video_dataset(str(shard), buckets=buckets, bucket_weights=weights, batch_size=1,
+                                batches_per_epoch=40, shuffle_buffer=1, seed=1)
+    assert [b["bucket"] for b in other] != [b["bucket"] for b in batches[:40]]
+
+
+def test_aspect_rule_and_bucket_weight_arguments(tmp_path, synth):
+    square, wide = good("square", height=32, width=32), good("wide", height=32, width=64)
+    shard = write_shard(tmp_path, [wide, square])
+    _, keys, skipped = collect(build_video_dataset(str(shard), resampled=False, buckets=["5x32x32"],
+                                                   max_aspect_distortion=1.5, batch_size=1))
+    assert keys == ["square"] and skipped["aspect_mismatch"] == 1 and skipped["too_short"] == 0
+    image = build_video_dataset(str(synth / "train"), mode="image", buckets=["5x32x32", "9x32x32", "5x32x48"],
+                                bucket_weights=[1, 1, 2])
+    assert [str(b) for b in image.buckets] == ["1x32x32", "1x32x48"] and image.bucket_weights == [2.0, 2.0]
+    dropped = build_video_dataset(str(synth / "train"), buckets=["5x32x32", "1x32x32"], bucket_weights=[3, 0])
+    assert [str(b) for b in dropped.buckets] == ["5x32x32"]
+    with pytest.raises(ValueError, match=r"bucket_weights has 3 entries \[1, 2, 3\] for the 2 buckets"):
+        build_video_dataset(str(synth / "train"), buckets=["5x32x32", "1x32x32"], bucket_weights=[1, 2, 3])
+    with pytest.raises(ValueError, match="only apply to resampled"):
+        build_video_dataset(str(synth / "val"), resampled=False, bucket_weights=[1])
+    with pytest.raises(ValueError, match="max_aspect_distortion must be >= 1"):
+        build_video_dataset(str(synth / "train"), max_aspect_distortion=0.5)
 
 
 # -- streams: ranks, workers, epochs ----------------------------------------------------

@@ -28,7 +28,7 @@ def latents(tmp_path_factory, synthetic_data):
     try:
         for split in ("train", "val"):
             encode(vae, synthetic_data / split, root / split, "data.num_frames=9", "chunked=false",
-                   "data.batch_size=8")
+                   "data.batch_size=8", "allow_identity_latent_stats=true")
     finally:
         vidgen.text.build_text_encoder = original
     return root
@@ -44,7 +44,8 @@ def _train(run_dir, latents, *extra, strategy="fsdp2"):
         "data.num_workers=0", "data.train.buckets=null", "data.train.max_tokens=48",
         "data.train.batches_per_epoch=2", "model.val.num_samples=1", "model.val.steps=2",
         "model.dit.dim=32", "model.dit.ffn_dim=64", "model.dit.num_heads=2", "model.dit.num_layers=2",
-        "model.dit.freq_dim=32", "model.dit.in_channels=4", "model.dit.out_channels=4", *extra,
+        "model.dit.freq_dim=32", "model.dit.in_channels=4", "model.dit.out_channels=4",
+        "model.allow_identity_latent_stats=true", *extra,
     ]
     env = {**os.environ, "VIDGEN_RUN_ID": f"fsdp-{Path(run_dir).name}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

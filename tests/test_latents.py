@@ -106,10 +106,10 @@ def vae_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory, shards, vae_dir):
-    """Latents of every clip at two buckets (5x32x32 and 9x32x32)."""
+    """Latents of every clip at two buckets (5x32x32 and 9x32x32), of a VAE without latent stats."""
     out = tmp_path_factory.mktemp("lat") / "train"
     encode(vae_dir, shards / "train", out, "every_bucket=true", "data.buckets=[5x32x32,9x32x32]",
-           "chunked=false", "data.batch_size=8")
+           "chunked=false", "data.batch_size=8", "allow_identity_latent_stats=true")
     return out
 
 
@@ -215,7 +215,7 @@ def test_encode_latents_resumes_and_splits_by_rank(tmp_path, shards, vae_dir, la
     (out / (names[2] + ".tmp")).write_bytes(b"partial")
     (out / "latents_info.json").write_text((latents / "latents_info.json").read_text())
     written = encode(vae_dir, shards / "train", out, "every_bucket=true", "data.buckets=[5x32x32,9x32x32]",
-                     "chunked=false", "data.batch_size=8")
+                     "chunked=false", "data.batch_size=8", "allow_identity_latent_stats=true")
     assert [Path(p).name for p in written] == [names[2]]
     assert all(os.stat(out / n).st_mtime == 1 for n in names[:2]), "done shards are not rewritten"
     assert read_tar(out / names[2]).keys() == read_tar(latents / names[2]).keys()
@@ -223,7 +223,7 @@ def test_encode_latents_resumes_and_splits_by_rank(tmp_path, shards, vae_dir, la
 
     # process 1 of 2 takes shards 1, 3, 5, ... (process 0 would take 0, 2, ...)
     split = tmp_path / "split"
-    got = encode(vae_dir, shards / "train", split, "rank=1", "world=2")
+    got = encode(vae_dir, shards / "train", split, "rank=1", "world=2", "allow_identity_latent_stats=true")
     assert [Path(p).name for p in got] == [names[1]]
     assert sorted(p.name for p in split.glob("*.tar")) == [names[1]]
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):

@@ -1,11 +1,14 @@
-"""FVD: preprocessing protocol, streaming statistics, Frechet distance, the FVD class."""
+"""FVD: preprocessing protocol, streaming statistics, Frechet distance, the FVD class, and
+the random test backbone (its features must move with the input, or no FVD test can fail)."""
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from vidgen.data.synthetic import render_video
 from vidgen.metrics.fvd import FVD, FeatureStats, frechet_distance, preprocess_for_i3d
 from vidgen.metrics.i3d import InceptionI3d
 
@@ -142,7 +145,8 @@ class PooledFeatures(nn.Module):
 
 def test_fvd_stream_identical_and_different_sets():
     torch.manual_seed(0)
-    fvd = FVD(PooledFeatures(), batch_size=3, min_clips=256, feature_dim=8)
+    net = PooledFeatures()
+    fvd = FVD(net, batch_size=3, min_clips=256, feature_dim=8)
     videos = torch.rand(12, 3, 17, 24, 32) * 2 - 1
     for chunk in videos.split(5):
         fvd.update_real(chunk)
@@ -155,28 +159,167 @@ def test_fvd_stream_identical_and_different_sets():
     assert protocol["feature"] == "custom:PooledFeatures[8]"  # not the reference network
     assert len(protocol["warnings"]) == 1 and fvd.warnings == protocol["warnings"]
 
+    # A different set: the streamed value equals numpy/scipy on the features computed apart.
+    fake = (videos * 0.5 + 0.3).clamp(-1, 1)
     fvd.reset()
     fvd.update_real(videos)
-    fvd.update_fake((videos * 0.5 + 0.3).clamp(-1, 1))
+    fvd.update_fake(fake)
     with pytest.warns(UserWarning):
         value, _ = fvd.compute()
-    assert value > 0.0
+    with torch.no_grad():
+        fr, ff = (net(preprocess_for_i3d(v)).double().numpy() for v in (videos, fake))
+    expected = _scipy_frechet(
+        fr.mean(0), np.cov(fr, rowvar=False), ff.mean(0), np.cov(ff, rowvar=False)
+    )
+    assert expected > 1e-3 and value == pytest.approx(expected, rel=1e-6)
 
 
 def test_fvd_needs_two_clips_per_side():
     fvd = FVD(PooledFeatures(), feature_dim=8)
     fvd.update_real(torch.zeros(3, 3, 16, 16, 16))
-    with pytest.raises(ValueError, match="at least 2 fake clips .* got 0"):
+    with pytest.raises(ValueError, match="needs >= 2 clips per side .* got 3 real and 0 fake"):
         fvd.compute()
+    # eval.py's path: no value, the reason in the protocol, everything else still there
+    fvd.update_fake(torch.zeros(1, 3, 16, 16, 16))
+    value, protocol = fvd.compute(allow_missing=True)
+    assert value is None and protocol["missing"].endswith("got 3 real and 1 fake")
+    assert protocol["num_real"] == 3 and protocol["frames"] == 16
 
 
-def test_fvd_with_inception_i3d_on_identical_videos():
-    # Real I3D architecture (random weights) through the full 16x224x224 protocol.
-    torch.manual_seed(0)
-    fvd = FVD(InceptionI3d(), batch_size=2, min_clips=2)
-    videos = torch.rand(2, 3, 16, 32, 32) * 2 - 1
-    fvd.update_real(videos)
-    fvd.update_fake(videos)
+def test_fvd_protocol_states_the_method():
+    fvd = FVD(InceptionI3d(seed=3), min_clips=2)
+    fvd.real.update(torch.randn(3, 400, dtype=torch.float64))
+    fvd.fake.update(torch.randn(3, 400, dtype=torch.float64))
+    _, protocol = fvd.compute()
+    assert protocol["feature"] == "i3d_logits_400"
+    assert protocol["i3d_weights"].startswith("random:seed=3")
+    assert "align_corners=False" in protocol["resize"] and "no crop" in protocol["resize"]
+    assert protocol["value_range"] == [-1, 1] and protocol["frame_selection"] == "first 16"
+    assert "i3d_pretrained_400.pt" in protocol["network"] and "N-1" in protocol["covariance"]
+    # a stand-in network is not labelled as I3D
+    _, custom = FVD(PooledFeatures(), feature_dim=8, min_clips=2).compute(allow_missing=True)
+    assert custom["network"] == custom["feature_layer"] == "custom:PooledFeatures[8]"
+
+
+# --------------------------------------------------------------------------------------
+# The random test backbone (metrics.random_backbones=true)
+# --------------------------------------------------------------------------------------
+#
+# A fixed set of 6 synthetic clips (coloured shapes moving over textures). The backbone runs
+# at 16x64x64 here, straight on the clips: at 224x224 one clip costs ~4 s on one CPU thread,
+# 64x64 ~0.25 s. The full 224x224 path runs in test_fvd_with_random_i3d_at_protocol_size.
+
+NUM_CLIPS, CLIP_SIZE = 6, 64
+
+
+def _synthetic_clips(n=NUM_CLIPS, size=CLIP_SIZE, frames=16, seed=7):
+    """[n, 3, frames, size, size] in [-1, 1], the same on every run."""
+    vids = [render_video(size, frames, np.random.default_rng([seed, i]))[0] for i in range(n)]
+    v = torch.from_numpy(np.stack(vids)).float() / 127.5 - 1  # [n, T, H, W, 3]
+    return v.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def _noisy(x, sigma, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (x + sigma * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+def _blurred(x, sigma):
+    """Separable Gaussian blur of every frame (replicate padding)."""
+    r = int(3 * sigma + 0.5)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1) / sigma) ** 2)
+    k = k / k.sum()
+    b, c, t, h, w = x.shape
+    f = x.transpose(1, 2).reshape(b * t * c, 1, h, w)
+    f = F.conv2d(F.pad(f, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    f = F.conv2d(F.pad(f, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+    return f.view(b, t, c, h, w).transpose(1, 2)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    """The test I3D exactly as eval.py builds it, the clips and their features."""
+    i3d = InceptionI3d(seed=0)
+    clips = _synthetic_clips()
+    with torch.no_grad():
+        feats = i3d(clips).double()
+    return i3d, clips, feats
+
+
+def _fvd_of(i3d, real_feats, videos, batch=NUM_CLIPS):
+    """FVD of precomputed real features against the backbone's features of `videos`."""
+    real, fake = FeatureStats(400), FeatureStats(400)
+    real.update(real_feats)
+    with torch.no_grad():
+        for chunk in videos.split(batch):
+            fake.update(i3d(chunk))
+    return frechet_distance(*real.mean_cov(), *fake.mean_cov())
+
+
+def test_random_i3d_features_vary_with_the_input(backbone):
+    i3d, clips, feats = backbone
+    assert feats.shape == (NUM_CLIPS, 400) and torch.isfinite(feats).all()
+    # Second moment kept through the network: logits of rms ~1 (measured 1.00), neither
+    # vanishing nor exploding.
+    rms = feats.pow(2).mean().sqrt().item()
+    assert 0.3 < rms < 3.0
+    # Per-logit std across the 6 clips, averaged over the 400 logits: measured 0.21.
+    # PyTorch's default init gives 3e-7 (the logits are their bias for any input).
+    assert feats.std(dim=0).mean().item() > 0.05
+    # and not one shared direction: the clips' centred features span 5 dimensions
+    sv = torch.linalg.svdvals(feats - feats.mean(0))
+    assert (sv[:5] > 1e-3 * sv[0]).all()
+    # seeded: the same seed builds the same weights
+    assert torch.equal(InceptionI3d(seed=0).logits.conv3d.weight, i3d.logits.conv3d.weight)
+
+
+def test_fvd_of_identical_sets_is_zero(backbone):
+    i3d, clips, feats = backbone
+    # recomputed in other batches (eval-mode BatchNorm: per-clip features do not depend on them)
+    d = _fvd_of(i3d, feats, clips.clone(), batch=4)
+    # tight: the features' total variance is ~24 and the mildest distortion's FVD ~0.5
+    assert d < 1e-9
+
+
+def test_fvd_grows_with_noise(backbone):
+    # measured 0.48, 24.1, 249 (seed 0 backbone, noise seed 1); default init: 9e-13 .. 3e-10
+    i3d, clips, feats = backbone
+    ladder = [_fvd_of(i3d, feats, _noisy(clips, s)) for s in (0.05, 0.2, 0.5)]
+    assert ladder[0] > 0.05
+    assert ladder[1] > 5 * ladder[0] and ladder[2] > 5 * ladder[1], ladder
+
+
+def test_fvd_grows_with_blur(backbone):
+    # measured 0.68, 4.9, 17.1
+    i3d, clips, feats = backbone
+    ladder = [_fvd_of(i3d, feats, _blurred(clips, s)) for s in (0.5, 1.0, 2.0)]
+    assert ladder[0] > 0.05
+    assert ladder[1] > 2 * ladder[0] and ladder[2] > 2 * ladder[1], ladder
+
+
+def test_fvd_with_random_i3d_at_protocol_size():
+    # The whole protocol: 16 frames resized to 224x224, the test I3D, streaming statistics.
+    fvd = FVD(InceptionI3d(seed=0), batch_size=2, min_clips=2)
+    clips = _synthetic_clips(n=2, size=32)
+    fvd.update_real(clips)
+    fvd.update_fake(_noisy(clips, 0.2))
     value, protocol = fvd.compute()
     assert protocol["feature"] == "i3d_logits_400" and protocol["warnings"] == []
-    assert value == pytest.approx(0.0, abs=1e-6)
+    assert protocol["num_real"] == protocol["num_fake"] == 2
+    # measured 12.4; PyTorch's default init gives < 1e-9
+    assert value > 1.0
+
+
+@pytest.mark.slow
+def test_fvd_ladder_at_protocol_size():
+    # As test_fvd_grows_with_noise, through the FVD class at 224x224 (~80 s on one thread).
+    clips = _synthetic_clips(n=4, size=32)
+    fvd = FVD(InceptionI3d(seed=0), batch_size=4, min_clips=2)
+    fvd.update_real(clips)
+    values = []
+    for sigma in (0.0, 0.05, 0.2, 0.5):
+        fvd.fake = FeatureStats(400)
+        fvd.update_fake(_noisy(clips, sigma) if sigma else clips.clone())
+        values.append(fvd.compute()[0])
+    assert values[0] == pytest.approx(0.0, abs=1e-9)
+    assert 0.05 < values[1] < values[2] < values[3], values

@@ -8,7 +8,6 @@ from vidgen.metrics.i3d import InceptionI3d, load_i3d, same_pad
 
 @pytest.fixture(scope="module")
 def i3d():
-    torch.manual_seed(0)
     return InceptionI3d()
 
 
@@ -63,6 +62,30 @@ def test_forward_small_input_gives_400_logits(i3d):
         assert torch.allclose(i3d(x[1:]), y[1:], atol=1e-4)
 
 
+def test_random_init_is_seeded_and_informative(i3d):
+    # The test backbone of metrics.random_backbones: He-normal convs, identity BatchNorm,
+    # a unit-variance logits layer, from a private generator: the global RNG plays no part.
+    torch.manual_seed(123)
+    again = InceptionI3d(seed=0)
+    other = InceptionI3d(seed=1)
+    for key, value in i3d.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    assert not torch.equal(other.Mixed_4b.b1b.conv3d.weight, i3d.Mixed_4b.b1b.conv3d.weight)
+    assert i3d.weights.startswith("random:seed=0") and other.weights.startswith("random:seed=1")
+    w = i3d.Mixed_5c.b0.conv3d.weight  # fan_in 832: std sqrt(2 / 832) = 0.049
+    assert w.std().item() == pytest.approx((2 / 832) ** 0.5, rel=0.02)
+    assert torch.equal(i3d.Mixed_5c.b0.bn.running_var, torch.ones(384))
+    assert i3d.logits.conv3d.weight.std().item() == pytest.approx(1024**-0.5, rel=0.02)
+    assert torch.equal(i3d.logits.conv3d.bias, torch.zeros(400))
+    # Logits move with the input: a clip at half contrast (test_metrics_fvd.py has the
+    # spread over synthetic clips and the FVD consequences).
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 16, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        y = i3d(torch.cat([x, 0.5 * x]))
+    assert (y[0] - y[1]).abs().mean().item() > 0.1 * y.abs().mean().item()
+
+
 def test_forward_stays_in_eval_mode(i3d):
     torch.nn.Sequential(i3d).train()  # e.g. a parent module entering training
     assert not i3d.training and not i3d.Mixed_3b.b0.bn.training
@@ -97,7 +120,7 @@ def test_load_i3d_roundtrip_and_strictness(tmp_path, i3d):
     loaded = load_i3d(tmp_path / "i3d.pt")
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(loaded.logits.conv3d.bias, sd["logits.conv3d.bias"])
-    assert loaded.weights_path == str(tmp_path / "i3d.pt")
+    assert loaded.weights == str(tmp_path / "i3d.pt")
 
     bad = dict(sd)
     bad["module.extra"] = bad.pop("Mixed_5c.b0.conv3d.weight")

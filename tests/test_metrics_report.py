@@ -106,6 +106,29 @@ def test_write_report_without_curves_or_grids_and_with_nan(tmp_path):
     report = json.loads(paths["json"].read_text())  # strict JSON: NaN became null
     assert report["metrics"] == {"fvd": None, "num_videos": 2}
     assert "curves" not in report and report["warnings"] == ["metrics.fvd is nan; written as null"]
+    assert report["missing"] == {}
+
+
+def test_write_report_marks_missing_metrics(tmp_path):
+    paths = write_report(
+        tmp_path,
+        {"psnr": 30.0, "ssim": 0.9, "num_videos": 1},
+        {"fvd": {"frechet": "|mu_r - mu_f|^2 + ...", "missing": "needs >= 2 clips per side"}},
+        {},
+        "ckpt",
+        missing={"fvd": "needs >= 2 clips per side, got 1 real and 1 fake"},
+    )
+    report = json.loads(paths["json"].read_text())
+    assert report["metrics"] == {"psnr": 30.0, "ssim": 0.9, "fvd": None, "num_videos": 1}
+    assert report["missing"] == {"fvd": "needs >= 2 clips per side, got 1 real and 1 fake"}
+    md = paths["markdown"].read_text()
+    assert "| FVD | missing: needs >= 2 clips per side, got 1 real and 1 fake | lower |" in md
+    assert "| fvd.frechet | \\|mu_r - mu_f\\|^2 + ... |" in md  # "|" inside a cell is escaped
+    # a report of one missing figure is still a report (dit_gen with a single clip)
+    only = write_report(tmp_path / "gen", {}, {}, {}, "ckpt", missing={"fvd": "no clips"})
+    assert json.loads(only["json"].read_text())["metrics"] == {"fvd": None}
+    with pytest.raises(ValueError, match="both as values and as missing"):
+        write_report(tmp_path, {"fvd": 1.0}, {}, {}, "ckpt", missing={"fvd": "x"})
 
 
 def test_write_report_rejects_unusable_inputs(tmp_path):

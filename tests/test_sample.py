@@ -1,5 +1,6 @@
 """Sampling: the generate() API and the `python -m vidgen.sample` CLI writing mp4s."""
 
+import copy
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_latents import TINY_VAE, _one_thread, cached_text_encoder  # noqa: F401, I001
+from test_latents import TINY_VAE, _one_thread, cached_text_encoder, compose_tool  # noqa: F401, I001
 
 from vidgen.data.video import probe_video
 from vidgen.models.dit.model import wan_tiny
@@ -28,14 +29,20 @@ def models():
     return dit, vae, cached_text_encoder("minilm")
 
 
+STATS = dict(mean=[0.1, -0.2, 0.3, 0.0], std=[0.5, 1.5, 2.0, 1.0])  # as latent_stats would set
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, models):
-    """A run folder as training leaves it: dit/ with pipeline.json naming the VAE."""
+    """A run folder as training leaves it: dit/ with pipeline.json naming the VAE and its stats."""
     dit, vae, _ = models
     run = tmp_path_factory.mktemp("run")
-    vae.save_pretrained(run / "vae")
+    with_stats = copy.deepcopy(vae)
+    with_stats.set_latent_stats(STATS["mean"], STATS["std"])
+    with_stats.save_pretrained(run / "vae")
     dit.save_pretrained(run / "dit")
     pipeline = dict(vae=str(run / "vae"), text_encoder="minilm", text_dim=384,
+                    latent_stats=dict(STATS, source="latents/train/latents_info.json"),
                     flow={"resolution_shift": True, "base_tokens": 256, "base_shift": 1.0,
                           "max_tokens": 32760, "max_shift": 5.0})
     (run / "dit" / PIPELINE_NAME).write_text(json.dumps(pipeline))
@@ -85,3 +92,61 @@ def test_sample_cli_writes_mp4s_of_the_requested_length(tmp_path, run_dir):
     bad = subprocess.run(cmd[:5] + ["num_frames=8", f"out={out}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "nearest 5 or 9" in bad.stderr
+
+
+# ---------------------------------------------------------------- latent statistics checks
+@pytest.fixture
+def sample_run(tmp_path, monkeypatch):
+    """`python -m vidgen.sample` in-process: one prompt, 9x32x32, one step; returns the mp4s."""
+    import vidgen.text
+    from vidgen.sample import run
+
+    monkeypatch.setattr(vidgen.text, "build_text_encoder", cached_text_encoder)
+
+    def sample(*overrides):
+        return run(compose_tool("sample", ["prompt=a cat", "num_frames=9", "height=32", "width=32",
+                                           "steps=1", "device=cpu", f"out={tmp_path / 'out'}",
+                                           *overrides]))
+
+    return sample
+
+
+def test_sample_refuses_a_vae_without_latent_stats(tmp_path, models, sample_run):
+    dit, vae, _ = models
+    vae.save_pretrained(tmp_path / "plain")  # mean 0 / std 1: latent_stats never ran on it
+    dit.save_pretrained(tmp_path / "dit")  # no pipeline.json: no recorded statistics to compare
+    args = [f"ckpt={tmp_path / 'dit'}", f"vae={tmp_path / 'plain'}", "text_encoder=minilm"]
+    with pytest.raises(ValueError, match=r"has no latent statistics \(mean 0 / std 1\)") as err:
+        sample_run(*args)
+    assert f"`python -m vidgen.tools.latent_stats ckpt={tmp_path / 'plain'} data.shards=" in str(err.value)
+    assert "or pass allow_identity_latent_stats=true" in str(err.value)
+    assert len(sample_run(*args, "allow_identity_latent_stats=true")) == 1
+
+
+def test_sample_refuses_a_vae_whose_stats_differ_from_the_dit_latents(tmp_path, run_dir, models, sample_run):
+    _, vae, _ = models
+    other = copy.deepcopy(vae)
+    other.set_latent_stats(STATS["mean"], [0.5, 1.5, 2.0, 1.25])
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="other latent statistics than those the DiT's latents") as err:
+        sample_run(f"ckpt={run_dir}", f"vae={tmp_path / 'other'}")
+    msg = str(err.value)
+    assert "max abs difference std 0.25;" in msg  # the means agree: only std is named
+    assert f"({run_dir / 'vae'}: drop or change vae=)" in msg
+    assert "or pass allow_latent_stats_mismatch=true" in msg
+    vae.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="latent_stats never ran on it"):
+        sample_run(f"ckpt={run_dir}", f"vae={tmp_path / 'plain'}")
+    out = sample_run(f"ckpt={run_dir}", f"vae={tmp_path / 'other'}", "allow_latent_stats_mismatch=true")
+    assert len(out) == 1
+
+
+def test_recorded_stats_fall_back_to_the_latents_info(tmp_path):
+    from vidgen.sample import recorded_latent_stats
+
+    info = {"vae_config": {"latents_mean": [1.0, 0.5], "latents_std": [2.0, 3.0]}}
+    (tmp_path / "latents_info.json").write_text(json.dumps(info))
+    stats, where = recorded_latent_stats({"latents": str(tmp_path)})  # an export without latent_stats
+    assert stats == dict(mean=[1.0, 0.5], std=[2.0, 3.0]) and where == str(tmp_path / "latents_info.json")
+    assert recorded_latent_stats({"latents": str(tmp_path / "gone")}) is None
+    assert recorded_latent_stats({}) is None

@@ -135,3 +135,19 @@ def test_from_pretrained_missing_files_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(WanVAE(**TINY).config))
     with pytest.raises(FileNotFoundError, match=r"missing model.safetensors"):
         WanVAE.from_pretrained(tmp_path)
+
+
+def test_attention_blocks_start_as_identity():
+    """As in Wan2.1, the attention output projection's weight starts at zero, so a block
+    adds only its bias; the 2D and 3D models alike."""
+    from vidgen.models.vae.layers import AttentionBlock
+
+    for temporal in (False, True):
+        model = WanVAE(**{**TINY, "temporal": temporal}, attn_scales=[0.5])
+        blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+        assert len(blocks) >= 2  # the middle block's, the encoder's at scale 0.5
+        for block in blocks:
+            assert torch.count_nonzero(block.proj.weight) == 0
+            x = torch.randn(2, block.proj.in_channels, 3, 4, 4)
+            expected = x + block.proj.bias.view(1, -1, 1, 1, 1)
+            torch.testing.assert_close(block(x), expected)

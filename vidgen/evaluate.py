@@ -62,9 +62,22 @@ def _metric_models(cfg: DictConfig, device: torch.device):
                 f"FVD uses 16-frame clips but data.num_frames={cfg.data.num_frames}; set "
                 "data.num_frames>=16 (17 for a 4x causal VAE) or metrics.fvd=false"
             )
-        i3d = InceptionI3d() if m.random_backbones else load_i3d(m.i3d_weights)
+        # random_backbones: the seeded He-initialised test I3D (features vary with the input)
+        i3d = InceptionI3d(seed=0) if m.random_backbones else load_i3d(m.i3d_weights)
         fvd = FVD(i3d.to(device).eval(), batch_size=m.fvd_batch_size)
     return lpips_model, fvd
+
+
+def _compute_fvd(fvd: FVD, metrics: dict, missing: dict) -> dict:
+    """FVD into `metrics`, or the reason it cannot be computed into `missing` (fewer than 2
+    clips a side: no covariance), so the report is still written. Returns its protocol."""
+    value, protocol = fvd.compute(allow_missing=True)
+    if value is None:
+        missing["fvd"] = protocol["missing"]
+        log.warning("FVD not computed: %s", protocol["missing"])
+    else:
+        metrics["fvd"] = value
+    return protocol
 
 
 @torch.no_grad()
@@ -114,14 +127,14 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
         "inference": "chunked causal encode (1, 4, 4, ... frames), posterior mean, decode",
         "tiling": f"tiles of {cfg.tiling.tile}px, overlap {cfg.tiling.overlap}px, when a side exceeds the tile",
     }
-    warnings = []
+    warnings, missing = [], {}
     if cfg.metrics.random_backbones:
         warnings.append("random LPIPS/I3D backbones (test mode): LPIPS and FVD figures are meaningless")
-    if fvd is not None:
-        metrics["fvd"], protocol["fvd"] = fvd.compute()
-        warnings += fvd.warnings
+    if fvd is not None:  # its warnings travel in protocol["fvd"]; write_report collects them
+        protocol["fvd"] = _compute_fvd(fvd, metrics, missing)
     curves = {f"{k}_t": result[f"{k}_t"] for k in ("psnr", "ssim") if f"{k}_t" in result}
-    return dict(metrics=metrics, protocol=protocol, curves=curves, grids=grids, warnings=warnings)
+    return dict(metrics=metrics, protocol=protocol, curves=curves, grids=grids, warnings=warnings,
+                missing=missing)
 
 
 @torch.no_grad()
@@ -129,7 +142,7 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     """Generate a video for each reference clip's caption and report FVD against the clips."""
     from vidgen.lit.dit import load_dit
     from vidgen.lit.vae import load_vae
-    from vidgen.sample import generate, read_pipeline
+    from vidgen.sample import check_decoding_vae, generate, read_pipeline
     from vidgen.text import build_text_encoder
 
     if not cfg.metrics.fvd:
@@ -143,6 +156,8 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
             "vae=<VAE folder> and text_encoder=minilm|<local T5 dir>"
         )
     vae = load_vae(vae_path).to(device).eval()
+    check_decoding_vae(vae, vae_path, pipeline, allow_identity=cfg.allow_identity_latent_stats,
+                       allow_mismatch=cfg.allow_latent_stats_mismatch)
     vae.check_frames(cfg.data.num_frames)
     dit = load_dit(cfg.ckpt).to(device).eval()
     text_encoder = build_text_encoder(encoder_name, device=device)
@@ -172,8 +187,8 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
         bar.set_postfix(videos=seen)
     if seen == 0:
         raise ValueError(f"no clips of {cfg.data.num_frames} frames were read from {cfg.data.shards}")
-    metrics = {}
-    metrics["fvd"], fvd_protocol = fvd.compute()
+    metrics, missing = {}, {}
+    fvd_protocol = _compute_fvd(fvd, metrics, missing)
     protocol = {
         "task": "dit_gen",
         "num_videos": seen,
@@ -183,11 +198,11 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
                      "text_encoder": str(encoder_name)},
         "fvd": fvd_protocol,
     }
-    warnings = list(fvd.warnings)
+    warnings = []  # FVD's own warnings travel in protocol["fvd"]
     if cfg.metrics.random_backbones:
         warnings.append("random I3D (test mode): the FVD figure is meaningless")
     return dict(metrics=metrics, protocol=protocol, curves=None, grids=grids, warnings=warnings,
-                other_label="generated")
+                missing=missing, other_label="generated")
 
 
 def evaluate(cfg: DictConfig) -> Path:
@@ -210,6 +225,7 @@ def evaluate(cfg: DictConfig) -> Path:
             curves=result["curves"],
             grids=[(k, a, b) for k, a, b in result["grids"]],
             warnings=result["warnings"],
+            missing=result.get("missing"),
             other_label=result.get("other_label", "reconstruction"),
         )
         log.info("report written to %s", out)

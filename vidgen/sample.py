@@ -6,7 +6,10 @@
 
 ``ckpt`` is a DiT run folder (uses its exported ``dit/``), a ``dit/`` folder or a ``.ckpt``;
 the run's ``dit/pipeline.json`` names the VAE and text encoder it was trained with, so
-``vae=`` / ``text_encoder=`` are only needed to override them (or for a ``.ckpt``).
+``vae=`` / ``text_encoder=`` are only needed to override them (or for a ``.ckpt``). It also
+records the latent statistics the DiT's latents were normalised with: decoding with a VAE
+whose statistics differ is an error (``allow_latent_stats_mismatch=true`` overrides), and so
+is a VAE without statistics (mean 0 / std 1; ``allow_identity_latent_stats=true``).
 
 Function API (evaluation uses it)::
 
@@ -185,6 +188,47 @@ def read_pipeline(ckpt: str | os.PathLike) -> dict:
     return {}
 
 
+def recorded_latent_stats(pipeline: dict) -> tuple[dict, str] | None:
+    """({"mean", "std"}, where they were read) the DiT's latents were normalised with, or None.
+
+    Training records them in pipeline.json (``latent_stats``); older exports only name the
+    latents folder, whose ``latents_info.json`` holds the encoding VAE's config.
+    """
+    from vidgen.data.latents import INFO_NAME
+
+    if pipeline.get("latent_stats"):
+        rec = pipeline["latent_stats"]
+        return dict(mean=rec["mean"], std=rec["std"]), f"{PIPELINE_NAME}, from {rec.get('source')}"
+    info = Path(pipeline["latents"]) / INFO_NAME if pipeline.get("latents") else None
+    if info is not None and info.is_file():
+        vae_config = json.loads(info.read_text())["vae_config"]
+        return dict(mean=vae_config["latents_mean"], std=vae_config["latents_std"]), str(info)
+    return None
+
+
+def check_decoding_vae(
+    vae, vae_ref: str | os.PathLike, pipeline: dict, *, allow_identity: bool, allow_mismatch: bool
+) -> None:
+    """Refuse a VAE whose latent statistics are the defaults or differ from the DiT's latents'.
+
+    The opt-outs are ``allow_latent_stats_mismatch`` / ``allow_identity_latent_stats``.
+    """
+    from vidgen.tools.latent_stats import check_not_identity, check_same_stats, stats_of
+
+    stats = stats_of(vae)
+    recorded = recorded_latent_stats(pipeline)
+    if recorded is not None:
+        trained = pipeline.get("vae")
+        if trained and os.path.abspath(trained) == os.path.abspath(vae_ref):
+            fix = ("Its statistics changed after the latents were made (latent_stats ran on it "
+                   "again?): restore them, or re-encode the latents with it and retrain the DiT")
+        else:
+            fix = (f"Decode with the VAE the DiT's latents were made with ({trained}: drop or "
+                   "change vae=), or re-encode the latents with this VAE and retrain the DiT")
+        check_same_stats(*recorded, stats, vae_ref, allow=allow_mismatch, fix=fix)
+    check_not_identity(stats, vae_ref, allow=allow_identity)
+
+
 def run(cfg) -> list[str]:
     """The CLI body (cfg: the composed ``configs/sample.yaml``); returns the mp4 paths written."""
     from vidgen.data.video import write_mp4
@@ -204,6 +248,8 @@ def run(cfg) -> list[str]:
     )
     prompts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
     vae = load_vae(vae_path).to(device).eval()
+    check_decoding_vae(vae, vae_path, pipeline, allow_identity=cfg.allow_identity_latent_stats,
+                       allow_mismatch=cfg.allow_latent_stats_mismatch)
     dit = load_dit(cfg.ckpt).to(device).eval()
     text_encoder = build_text_encoder(encoder_name, device=device)
     videos = generate(

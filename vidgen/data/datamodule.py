@@ -11,16 +11,25 @@ Batches are built inside the loader workers (``batch_size=None`` on the DataLoad
 see ``vidgen.data.pipeline`` for the batch format.
 
 Epochs. Before every pass over the training loader the module tells the dataset which
-epoch it is (through shared memory, so persistent workers see it too): from the
-attached Trainer when there is one, else by counting passes. When a run resumes in the
-middle of an epoch, the stream for the rest of that epoch is seeded with the number of
-batches already done and yields only the remaining ones, so every epoch keeps exactly
-``batches_per_epoch`` steps per rank (the resumed batches are new draws, not a replay).
+epoch it is and how many of its batches are already trained (through shared memory, so
+persistent workers see it too): from the attached Trainer when there is one, else by
+counting passes. A run resumed from any checkpoint, including one saved in the middle of an
+epoch, continues with exactly the batches the uninterrupted run would have seen: the
+workers regenerate the epoch's streams and drop the batches already trained
+(``vidgen.data.streams``; for video this decodes them again, at most one epoch's data time).
+
+The streams depend on the loader workers per rank, the world size, ``batches_per_epoch``
+and the seed. ``EpochDataLoader`` saves these in the checkpoint (Lightning keeps a loader's
+``state_dict`` with the fit loop, which also marks the loader as resumable) and warns, naming
+the checkpoint's and the current value, when a run resumes with different ones: it then
+continues with the new layout's streams, no longer a replay of the uninterrupted run.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
+import warnings
 from collections.abc import Callable, Mapping
 
 import lightning as L
@@ -28,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vidgen.data.pipeline import BATCH_DTYPES, VideoShardDataset, build_video_dataset
+from vidgen.data.pipeline import BATCH_DTYPES, VideoShardDataset, build_video_dataset, resolve_buckets
 from vidgen.data.video import to_model_range
 
 
@@ -58,12 +67,23 @@ def trained_position(trainer, batches_per_epoch: int) -> tuple[int, int]:
     """(epoch, batches already done in it) of the training stream, from the batches trained
     so far. Read before Lightning's restart bookkeeping runs: the total count of processed
     batches (restored from the checkpoint) includes the batch whose on_train_batch_end saved
-    it, and gives the data position however Lightning itself splits the resumed epoch."""
+    it, and gives the data position however Lightning itself splits the resumed epoch. Every
+    rank trains the same number of batches, so every rank gets the same position."""
     return divmod(trainer.fit_loop.epoch_loop.batch_progress.total.processed, batches_per_epoch)
 
 
+# What the training streams depend on besides the position, and how a user sets it.
+_LAYOUT_KEYS = {
+    "num_workers": "data.num_workers",
+    "world_size": "the world size (trainer.devices x trainer.num_nodes)",
+    "batches_per_epoch": "data.train.batches_per_epoch",
+    "seed": "data.seed",
+}
+
+
 class EpochDataLoader(DataLoader):
-    """A DataLoader that sets the dataset's (epoch, start_batch) before each pass."""
+    """A DataLoader that sets the dataset's (epoch, start_batch) before each pass, and whose
+    ``state_dict`` is the stream layout a checkpoint resumes exactly with."""
 
     def __init__(self, dataset: VideoShardDataset, *, position_fn: Callable[[], tuple[int, int]], **kwargs):
         super().__init__(dataset, **kwargs)
@@ -72,6 +92,33 @@ class EpochDataLoader(DataLoader):
     def __iter__(self):
         self.dataset.set_epoch(*self.position_fn())
         return super().__iter__()
+
+    def state_dict(self) -> dict:
+        """Loader workers (0 and 1 make the same single stream), world size,
+        batches_per_epoch and seed of the streams. The position itself comes from the
+        Trainer's batch count, which Lightning restores on its own."""
+        d = self.dataset
+        return dict(num_workers=self.num_workers, world_size=d.world_size,
+                    batches_per_epoch=d.batches_per_epoch, seed=d.seed)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Warn (naming both values) about each layout value that differs from the checkpoint's."""
+        now = self.state_dict()
+        for key, name in _LAYOUT_KEYS.items():
+            if key not in state:
+                continue
+            before, after = state[key], now[key]
+            if key == "num_workers":
+                before, after = max(1, before), max(1, after)
+            if before != after:
+                warnings.warn(
+                    f"vidgen.data: resuming with {name} = {now[key]}, but the checkpoint was "
+                    f"saved with {state[key]}. The data streams depend on it, so from here on "
+                    "this run reads other batches than the uninterrupted run would have (the "
+                    f"rest of the epoch comes from the streams of {name} = {now[key]}). Resume "
+                    f"with {state[key]} to continue exactly.",
+                    stacklevel=2,
+                )
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -109,6 +156,9 @@ class VideoDataModule(L.LightningDataModule):
         self.transfer_dtype = transfer_dtype
         self.train_kwargs = self._check_kwargs(to_builtin(train), "train", batch_size, seed)
         self.val_kwargs = self._check_kwargs(to_builtin(val), "val", batch_size, seed) if val is not None else None
+        self._check_buckets(self.train_kwargs, "train", resampled=True)
+        if self.val_kwargs is not None:
+            self._check_buckets(self.val_kwargs, "val", resampled=False)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.batch_size = batch_size
@@ -131,6 +181,17 @@ class VideoDataModule(L.LightningDataModule):
                     f"set {key} once, on the data module"
                 )
         return {**kwargs, "batch_size": batch_size, "seed": seed}
+
+    @staticmethod
+    def _check_buckets(kwargs: dict, name: str, resampled: bool) -> None:
+        """Bucket specs and weights fail here, at construction, not when training starts."""
+        bound = inspect.signature(build_video_dataset).bind(**{"resampled": resampled, **kwargs})
+        bound.apply_defaults()
+        args = bound.arguments
+        try:
+            resolve_buckets(**{k: args[k] for k in inspect.signature(resolve_buckets).parameters})
+        except ValueError as err:
+            raise ValueError(f"VideoDataModule({name}=...): {err}") from err
 
     # -- epochs --------------------------------------------------------------------
 
@@ -170,7 +231,10 @@ class VideoDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_kwargs is None:
             return []  # Lightning runs no validation for an empty list
-        dataset = build_video_dataset(**{"resampled": False, **self.val_kwargs}, dtype=self.transfer_dtype)
+        # Every rank reads the whole validation set: DDP forwards and synced metrics need
+        # the same number of batches on all ranks (keep it small; ranks agree on the result).
+        dataset = build_video_dataset(**{"resampled": False, "rank": 0, "world_size": 1, **self.val_kwargs},
+                                      dtype=self.transfer_dtype)
         return self._loader(dataset, lambda: (0, 0))
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

@@ -22,7 +22,9 @@ text embedding is replaced by the empty-caption embedding stored with the latent
 
 Streams, epochs, resume: ``vidgen.data.streams``, shared with the video pipeline. With
 ``resampled=True`` each stream draws shards with replacement from its own RNG seeded by
-(seed, rank, worker, epoch, start_batch); ``batches_per_epoch`` batches per rank are split exactly among the workers.
+(seed, rank, worker, epoch); ``batches_per_epoch`` batches per rank are split exactly among
+the workers, and a run resumed mid-epoch regenerates the epoch's streams and drops the
+batches already trained, so it sees exactly the batches of the uninterrupted run.
 Validation (``resampled=False``) reads shard ``i`` in loader worker ``i mod workers``, and every
 rank reads the whole validation set (sharded forwards and synced metrics need equal batch
 counts on all ranks; keep it small).
@@ -31,9 +33,9 @@ Schedule (progressive resolution within a run): ``schedule`` lists stages
 ``{step, buckets, max_tokens}``; a stage applies from training batch ``step`` on (batches
 of this rank: one optimizer step each, unless the NaN guard skipped steps), unspecified
 keys carry over from the stage before, and stage 0 is the top-level ``buckets`` /
-``max_tokens``. Each worker knows the index of every batch it makes (the DataLoader takes
+``max_tokens``. Each stream knows the index of every batch it makes (the DataLoader takes
 batches from workers round-robin), so the switch happens at exactly that batch, identically
-in a resumed run. ``buckets`` are the pixel-space buckets the latents were encoded at
+in a resumed run (which replays the same streams). ``buckets`` are the pixel-space buckets the latents were encoded at
 ("17x256x256", stored in each sample's JSON); null means every bucket.
 """
 
@@ -187,8 +189,8 @@ class LatentShardDataset(ShardStream):
         self.empty_text, self.cfg_dropout = empty_text, cfg_dropout
         self.shuffle_buffer, self.pack_buffer, self.min_efficiency = shuffle_buffer, pack_buffer, min_efficiency
 
-    def iterate(self, *, worker: int = 0, num_workers: int = 1, epoch: int = 0, start_batch: int = 0) -> Iterator[dict]:
-        shard_ss, shuffle_ss, drop_ss, pack_ss = self.stream_seeds(worker, epoch, start_batch, 4)
+    def epoch_stream(self, *, worker: int, num_workers: int, epoch: int) -> Iterator[dict]:
+        shard_ss, shuffle_ss, drop_ss, pack_ss = self.stream_seeds(worker, epoch, 4)
         self._skipped = 0
         samples = self._samples(self.stream_urls(shard_ss, worker, num_workers))
         if self.resampled and self.shuffle_buffer > 1:
@@ -200,8 +202,8 @@ class LatentShardDataset(ShardStream):
         if self.batches_per_epoch is None:  # finite pass (validation) or endless, one stage
             yield from self._packed(samples, self.stages[0], pack_seed, final=not self.resampled)
             return
-        limit = self.worker_batches(worker, num_workers, start_batch)
-        first = epoch * self.batches_per_epoch + start_batch + worker  # this worker's batch 0
+        limit = self.worker_batches(worker, num_workers)
+        first = epoch * self.batches_per_epoch + worker  # this stream's batch 0
         k = 0
         while k < limit:
             stage = stage_at(self.stages, first + k * num_workers)
@@ -230,7 +232,10 @@ class LatentShardDataset(ShardStream):
 
     def _filter(self, samples, buckets: frozenset[str] | None) -> Iterator[dict]:
         if buckets is None:
-            yield from samples
+            # Not ``yield from``: it would close the shared sample stream when a stage's
+            # packer is dropped, and the next stage would find it ended.
+            for s in samples:
+                yield s
             return
         rejected, seen = 0, set()
         for s in samples:

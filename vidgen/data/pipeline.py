@@ -10,9 +10,17 @@ Streams. A stream is one (rank, worker). With ``resampled=True`` every stream dr
 shards with replacement from the full list, each from its own RNG seeded by
 (seed, rank, worker, epoch), so streams are disjoint in distribution and
 reproducible; ``batches_per_epoch`` batches per rank are divided exactly among the
-workers, so every rank takes the same number of steps. With ``resampled=False``
-(validation) shard ``i`` goes to stream ``i mod (world_size * num_workers)``, is read
-once in order, and clips are centred.
+workers, so every rank takes the same number of steps, and a run resumed mid-epoch sees
+exactly the batches of the uninterrupted run (``vidgen.data.streams``). With
+``resampled=False`` (validation) shard ``i`` goes to stream ``i mod (world_size *
+num_workers)``, is read once in order, and clips are centred.
+
+Buckets (``vidgen.data.buckets``). Training streams draw each sample's bucket from the
+stream's own generator among the buckets the video can fill (enough frames; aspect ratio
+within ``max_aspect_distortion`` when set), weighted by ``bucket_weights`` renormalised
+over them; so one video is trained at several lengths and sizes, and 1-frame buckets
+("1x128x128") mix single frames of the videos in as images. Finite passes (validation)
+take each video's one deterministic bucket (``assign_bucket``).
 
 Bad data never stops the stream: unreadable shards, samples without video, caption or
 valid metadata, videos too short for every bucket and undecodable videos are logged,
@@ -35,7 +43,14 @@ from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from vidgen.data.buckets import Bucket, assign_bucket, parse_buckets
+from vidgen.data.buckets import (
+    Bucket,
+    assign_bucket,
+    draw_bucket,
+    eligible_buckets,
+    parse_bucket_weights,
+    parse_buckets,
+)
 from vidgen.data.shards import REQUIRED_META, expand_shards
 from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
 from vidgen.data.video import VideoTooShortError, decode_clip, resize_crop
@@ -49,6 +64,7 @@ SKIP_REASONS = (
     "no_caption",  # no {key}.txt, or an empty one
     "bad_meta",  # {key}.json missing, not JSON, or lacking num_frames/fps/height/width
     "too_short",  # fits no bucket at the requested frame spacing
+    "aspect_mismatch",  # long enough for a bucket, but none within max_aspect_distortion
     "decode_error",  # decord could not decode the chosen frames
 )
 
@@ -117,6 +133,7 @@ class VideoShardDataset(ShardStream):
 
         video:       float32 [B, 3, T, H, W] in [-1, 1]   (image mode: T = 1), or with
                      dtype="uint8" the pixels 0..255 (to_model_range maps them later)
+        bucket:      str, the batch's bucket "FxHxW" (one per batch)
         caption:     list[str], length B
         key:         list[str]
         meta:        list[dict]  shard JSON + frame_indices, bucket ("FxHxW"), shard url
@@ -130,6 +147,8 @@ class VideoShardDataset(ShardStream):
         *,
         mode: str,
         buckets: list[Bucket],
+        bucket_weights: list[float] | None,
+        max_aspect_distortion: float | None,
         frame_stride: float,
         target_fps: float | None,
         batch_size: int,
@@ -149,6 +168,8 @@ class VideoShardDataset(ShardStream):
         self.dtype = BATCH_DTYPES[dtype]
         self.mode = mode
         self.buckets = buckets
+        self.bucket_weights = bucket_weights  # None: finite pass, assign_bucket
+        self.max_aspect_distortion = max_aspect_distortion
         self.frame_stride = frame_stride
         self.target_fps = target_fps
         self.batch_size = batch_size
@@ -157,16 +178,16 @@ class VideoShardDataset(ShardStream):
 
     # -- the stream ----------------------------------------------------------------
 
-    def iterate(self, *, worker: int = 0, num_workers: int = 1, epoch: int = 0, start_batch: int = 0) -> Iterator[dict]:
-        shard_ss, shuffle_ss, frame_ss = self.stream_seeds(worker, epoch, start_batch, 3)
+    def epoch_stream(self, *, worker: int, num_workers: int, epoch: int) -> Iterator[dict]:
+        shard_ss, shuffle_ss, frame_ss, bucket_ss = self.stream_seeds(worker, epoch, 4)
         counter = _SkipCounter()
-        limit = self.worker_batches(worker, num_workers, start_batch)
+        limit = self.worker_batches(worker, num_workers)
         if limit == 0 or not (self.resampled or self.assigned_shards(worker, num_workers)):
             return
         health = _Health(len(self.shards), counter) if self.resampled else None
         urls = self.stream_urls(shard_ss, worker, num_workers)
 
-        samples = self._samples(urls, counter, health)
+        samples = self._samples(urls, counter, health, np.random.default_rng(bucket_ss))
         if not self.deterministic and self.shuffle_buffer > 1:
             samples = shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
         batches = self._batches(samples, counter, health, np.random.default_rng(frame_ss))
@@ -183,11 +204,13 @@ class VideoShardDataset(ShardStream):
                 self.rank, worker, len(self.shards), counter.counts,
             )
 
-    def _samples(self, urls: Iterator[str], counter: _SkipCounter, health: _Health | None) -> Iterator[_Sample]:
+    def _samples(
+        self, urls: Iterator[str], counter: _SkipCounter, health: _Health | None, rng: np.random.Generator
+    ) -> Iterator[_Sample]:
         """Validated, bucketed, still-encoded samples from a sequence of shards."""
         for url in urls:
             for raw in self._read_shard(url, counter, health):
-                sample = self._validate(raw, url, counter)
+                sample = self._validate(raw, url, counter, rng)
                 if sample is not None:
                     yield sample
                 elif health is not None:
@@ -223,8 +246,8 @@ class VideoShardDataset(ShardStream):
             if health is not None:
                 health.fail(url)
 
-    def _validate(self, raw: dict, url: str, counter: _SkipCounter) -> _Sample | None:
-        """Check members and metadata, pick the bucket (no decoding)."""
+    def _validate(self, raw: dict, url: str, counter: _SkipCounter, rng: np.random.Generator) -> _Sample | None:
+        """Check members and metadata, pick the bucket (no decoding; ``rng`` draws it)."""
         key = raw.get("__key__", "?")
         where = f"{url}:{key}"
         if "mp4" not in raw:
@@ -247,13 +270,24 @@ class VideoShardDataset(ShardStream):
         except (KeyError, ValueError, TypeError) as exn:
             counter.add("bad_meta", where, exn)
             return None
-        bucket = assign_bucket(meta, self.buckets, self._stride(meta))
+        stride, max_distortion = self._stride(meta), self.max_aspect_distortion
+        if self.bucket_weights is None:
+            bucket = assign_bucket(meta, self.buckets, stride, max_distortion)
+        else:
+            bucket = draw_bucket(meta, self.buckets, self.bucket_weights, rng, stride, max_distortion)
         if bucket is None:
-            smallest = min(b.frames for b in self.buckets)
-            counter.add(
-                "too_short", where,
-                f"{meta['num_frames']} frames; smallest bucket needs {smallest} at stride {self._stride(meta):g}",
-            )
+            if eligible_buckets(meta, self.buckets, stride):
+                counter.add(
+                    "aspect_mismatch", where,
+                    f"{meta['width']}x{meta['height']} video; no bucket long enough for its "
+                    f"{meta['num_frames']} frames is within max_aspect_distortion={max_distortion:g}",
+                )
+            else:
+                smallest = min(b.frames for b in self.buckets)
+                counter.add(
+                    "too_short", where,
+                    f"{meta['num_frames']} frames; smallest bucket needs {smallest} at stride {stride:g}",
+                )
             return None
         return _Sample(key, url, raw["mp4"], caption, meta, bucket)
 
@@ -335,6 +369,7 @@ class _Group:
         return dict(
             # A partial (last) batch is copied so it does not carry the unused slots.
             video=self.video if n == len(self.video) else self.video[:n].clone(),
+            bucket=str(self.bucket),
             caption=[s.caption for s in self.samples],
             key=[s.key for s in self.samples],
             meta=[
@@ -346,6 +381,34 @@ class _Group:
         )
 
 
+def resolve_buckets(
+    *, mode: str, buckets: str | Sequence | None, num_frames: int, height: int, width: int,
+    bucket_weights: Sequence | dict | None, resampled: bool,
+) -> tuple[list[Bucket], list[float] | None]:
+    """The stream's buckets and their draw weights (None: a finite pass, which assigns each
+    video one bucket); arguments as in ``build_video_dataset``. Raises ValueError for bad specs."""
+    if not resampled and bucket_weights is not None:
+        raise ValueError(
+            f"bucket_weights={bucket_weights!r} only apply to resampled (training) streams; a finite "
+            "pass (resampled=false: validation, encode_latents) puts each video in one fixed bucket"
+        )
+    bucket_list = parse_buckets(buckets) if buckets is not None else [Bucket(num_frames, height, width)]
+    weights = parse_bucket_weights(bucket_weights, bucket_list) if resampled else None
+    if mode == "image":
+        # One frame per sample: keep each distinct spatial shape once, with the summed weight.
+        merged: dict[Bucket, float] = {}
+        for i, b in enumerate(bucket_list):
+            image = Bucket(1, b.height, b.width)
+            merged[image] = merged.get(image, 0.0) + (weights[i] if weights is not None else 0.0)
+        bucket_list = list(merged)
+        weights = list(merged.values()) if weights is not None else None
+    if weights is not None:
+        # Zero-weight buckets are never drawn: leave them out (skip reasons then name the rest).
+        kept = [i for i, w in enumerate(weights) if w > 0]
+        bucket_list, weights = [bucket_list[i] for i in kept], [weights[i] for i in kept]
+    return bucket_list, weights
+
+
 def build_video_dataset(
     shards: str | Sequence[str],
     *,
@@ -354,6 +417,8 @@ def build_video_dataset(
     height: int = 64,
     width: int = 64,
     buckets: str | Sequence | None = None,
+    bucket_weights: Sequence | dict | None = None,
+    max_aspect_distortion: float | None = None,
     frame_stride: float = 1,
     target_fps: float | None = None,
     batch_size: int = 2,
@@ -372,14 +437,23 @@ def build_video_dataset(
         shards: pattern(s) for ``expand_shards`` (brace ranges, globs, dirs, lists).
         mode: "video" (clips of ``num_frames``) or "image" (one random frame, T=1).
         num_frames, height, width: the single bucket used when ``buckets`` is None.
-        buckets: e.g. ``["17x64x64", "9x64x112"]``; in image mode only H, W count.
+        buckets: e.g. ``["17x64x64", "9x64x112", "1x64x64"]``; in image mode only H, W
+            count (buckets of equal H, W merge, their weights add up).
+        bucket_weights: training streams' relative bucket frequencies: None (uniform), a
+            list parallel to ``buckets``, or a mapping bucket -> weight naming every bucket;
+            renormalised per sample over the buckets its video fits (0: never drawn).
+            Finite passes (``resampled=False``) take ``assign_bucket``'s bucket instead and
+            reject weights.
+        max_aspect_distortion: a video is only put in buckets whose aspect ratio is within
+            this factor of its own (>= 1; e.g. 1.5); None: any (clips are resize-cropped).
         frame_stride: source frames between clip frames; or give ``target_fps``.
         batch_size: clips per batch (batches never mix buckets).
         shuffle_buffer: raw samples held for shuffling (resampled, non-deterministic).
         resampled: infinite shard resampling (training) vs each shard once (validation).
         batches_per_epoch: batches per rank per epoch (resampled only); None = endless.
         seed: base of every RNG stream (with rank, worker, epoch).
-        deterministic: centred clips and no shuffle even when resampled.
+        deterministic: centred clips and no shuffle even when resampled (buckets are still
+            drawn, from the stream's seeded generator).
         rank, world_size: override torch.distributed / env RANK, WORLD_SIZE.
         dtype: "float32" (clips in [-1, 1]) or "uint8" (pixels 0..255: a quarter of the
             bytes between worker and trainer; ``vidgen.data.video.to_model_range`` converts
@@ -407,10 +481,12 @@ def build_video_dataset(
         if batches_per_epoch < 1:
             raise ValueError(f"batches_per_epoch must be >= 1 or None, got {batches_per_epoch}")
 
-    bucket_list = parse_buckets(buckets) if buckets is not None else [Bucket(num_frames, height, width)]
-    if mode == "image":
-        # One frame per sample: keep each distinct spatial shape once.
-        bucket_list = list(dict.fromkeys(Bucket(1, b.height, b.width) for b in bucket_list))
+    if max_aspect_distortion is not None and not max_aspect_distortion >= 1:
+        raise ValueError(f"max_aspect_distortion must be >= 1 or None, got {max_aspect_distortion!r}")
+    bucket_list, weights = resolve_buckets(
+        mode=mode, buckets=buckets, num_frames=num_frames, height=height, width=width,
+        bucket_weights=bucket_weights, resampled=resampled,
+    )
 
     env_rank, env_world = dist_rank_world()
     rank = env_rank if rank is None else rank
@@ -422,6 +498,8 @@ def build_video_dataset(
         expand_shards(shards),
         mode=mode,
         buckets=bucket_list,
+        bucket_weights=weights,
+        max_aspect_distortion=max_aspect_distortion,
         frame_stride=frame_stride,
         target_fps=target_fps,
         batch_size=batch_size,

@@ -1,17 +1,33 @@
-"""What the video and latent datasets share: epochs, streams, shard order, shuffling.
+"""What the video and latent datasets share: epochs, streams, shard order, shuffling, resume.
 
 A stream is one (rank, loader worker). ``ShardStream`` keeps the epoch position in shared
 memory (the main process writes it before each epoch, possibly persistent workers read it
 when they start), splits a rank's ``batches_per_epoch`` exactly among its workers, seeds
-each stream's generators from (seed, rank, worker, epoch, start_batch), and hands out the
-stream's shard URLs:
+each stream's generators from (seed, rank, worker, epoch), and hands out the stream's
+shard URLs:
 
 - ``resampled=True`` (training): endless draws with replacement from the full list, from
   the stream's own generator, so streams are disjoint in distribution and reproducible;
 - ``resampled=False`` (validation): shard ``i`` goes to stream ``i mod num_streams``, read
   once in order.
 
-Subclasses implement ``iterate(worker=, num_workers=, epoch=, start_batch=)``.
+Subclasses implement ``epoch_stream(worker=, num_workers=, epoch=)``: every batch of one
+stream's epoch, a pure function of (seed, rank, worker, num_workers, epoch).
+
+Mid-epoch resume is exact. The DataLoader takes batch ``k`` of a pass from worker
+``k mod W``; in an epoch started at batch 0 that is batch ``k`` of the epoch, made by
+stream ``k mod W``. A pass that starts at batch ``s`` (a run resumed after ``s`` batches of
+the epoch) gets its first batch from worker 0, so loader worker ``w`` plays stream
+``(w + s) mod W``, regenerates that stream's epoch from its batch 0 and drops the batches
+the stream had already made before ``s`` (``resume_plan``). The resumed run then sees
+exactly the batches of the uninterrupted one. The price: each worker redoes its share of
+the first ``s`` batches (for video, reading and decoding them again), at most one epoch's
+data time spread over the workers. Skip counts carried by dropped batches are dropped with
+them (the training module restores its own running count from the checkpoint).
+
+``W`` (loader workers, 0 counting as 1) and the world size are part of the streams'
+identity: ``EpochDataLoader`` (``vidgen.data.datamodule``) records them in the checkpoint
+and warns, naming both values, when a run resumes with different ones.
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from itertools import islice
 
 import numpy as np
 import torch
@@ -73,13 +90,15 @@ class ShardStream(IterableDataset, ABC):
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, start_batch]
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's RNG streams; ``start_batch`` > 0 resumes mid-epoch (the
-        remaining ``batches_per_epoch - start_batch`` batches come from fresh streams
-        seeded with it, so resumed runs keep equal steps per epoch)."""
+        """Select the epoch's streams; ``start_batch`` > 0 resumes mid-epoch: the next pass
+        yields the epoch's batches ``start_batch, start_batch + 1, ...`` exactly as a pass
+        from batch 0 would have after its first ``start_batch`` batches."""
         if epoch < 0 or start_batch < 0:
             raise ValueError(f"epoch and start_batch must be >= 0, got {epoch}, {start_batch}")
         if self.batches_per_epoch is not None and start_batch > self.batches_per_epoch:
             raise ValueError(f"start_batch={start_batch} > batches_per_epoch={self.batches_per_epoch}")
+        if not self.resampled and start_batch:
+            raise ValueError(f"a finite pass (resampled=False) always starts at batch 0, got {start_batch}")
         self._position[0], self._position[1] = epoch, start_batch
 
     def __len__(self) -> int:
@@ -94,21 +113,44 @@ class ShardStream(IterableDataset, ABC):
         epoch, start_batch = (int(v) for v in self._position.tolist())
         return self.iterate(worker=worker, num_workers=num_workers, epoch=epoch, start_batch=start_batch)
 
-    @abstractmethod
     def iterate(self, *, worker: int = 0, num_workers: int = 1, epoch: int = 0, start_batch: int = 0) -> Iterator[dict]:
-        """The batches of one stream (rank ``self.rank``, worker ``worker``); public so
-        tests and tools can simulate any rank/worker without processes."""
+        """What loader worker ``worker`` (of ``num_workers``) yields in a pass over epoch
+        ``epoch`` that starts at batch ``start_batch``; public so that tests and tools can
+        simulate any rank / worker without processes."""
+        stream, done = self.resume_plan(worker, num_workers, start_batch)
+        share = self.worker_batches(stream, num_workers)
+        if share is not None and done >= share:
+            return iter(())
+        if done:
+            log.info("vidgen.data: rank %d worker %d resumes stream %d of epoch %d after batch %d: "
+                     "regenerating and dropping its first %d batch(es)",
+                     self.rank, worker, stream, epoch, start_batch, done)
+        return islice(self.epoch_stream(worker=stream, num_workers=num_workers, epoch=epoch), done, None)
 
-    def worker_batches(self, worker: int, num_workers: int, start_batch: int = 0) -> int | None:
-        """This worker's share of the rank's epoch (exact split; None = unbounded)."""
+    @abstractmethod
+    def epoch_stream(self, *, worker: int, num_workers: int, epoch: int) -> Iterator[dict]:
+        """Every batch of stream ``worker`` (rank ``self.rank``) in epoch ``epoch``: batches
+        ``worker, worker + num_workers, ...`` of the rank's epoch."""
+
+    @staticmethod
+    def resume_plan(worker: int, num_workers: int, start_batch: int) -> tuple[int, int]:
+        """(stream that loader ``worker`` plays, batches of it made before ``start_batch``)."""
+        stream = (worker + start_batch) % num_workers
+        return stream, max(0, -(-(start_batch - stream) // num_workers))  # ceil division
+
+    def worker_batches(self, worker: int, num_workers: int) -> int | None:
+        """Stream ``worker``'s share of the rank's epoch (exact split; None = unbounded)."""
         if self.batches_per_epoch is None:
             return None
-        remaining = self.batches_per_epoch - start_batch
-        return remaining // num_workers + (1 if worker < remaining % num_workers else 0)
+        per_epoch = self.batches_per_epoch
+        return per_epoch // num_workers + (1 if worker < per_epoch % num_workers else 0)
 
-    def stream_seeds(self, worker: int, epoch: int, start_batch: int, n: int) -> list[np.random.SeedSequence]:
-        """``n`` independent seed sequences for one stream's generators."""
-        return np.random.SeedSequence([self.seed, self.rank, worker, epoch, start_batch]).spawn(n)
+    def stream_seeds(self, worker: int, epoch: int, n: int) -> list[np.random.SeedSequence]:
+        """``n`` independent seed sequences for one stream's generators; child ``i`` does
+        not depend on ``n``, so a new generator can be added without changing the others."""
+        # The trailing 0 stands where earlier versions put the resumed start_batch (0 for an
+        # epoch started from its beginning), so streams (and resumed runs) stay the same.
+        return np.random.SeedSequence([self.seed, self.rank, worker, epoch, 0]).spawn(n)
 
     def assigned_shards(self, worker: int, num_workers: int) -> list[str]:
         """A finite pass's (``resampled=False``) share of the shards for this stream."""

@@ -54,6 +54,7 @@ from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_effic
 from vidgen.models.dit.packing import PackedBatch
 from vidgen.sample import PIPELINE_NAME, generate_latents, sampling_shift
 from vidgen.utils.checkpoint import find_export, read_module_state
+from vidgen.utils.config import checked_options
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard
 from vidgen.utils.logging import log_video_grid
@@ -86,11 +87,7 @@ FSDP_DEFAULTS = dict(param_dtype=None, reduce_dtype=None, reshard_after_forward=
 
 
 def _checked(name: str, given: dict, defaults: dict) -> dict:
-    """``defaults`` updated with ``given``; an unknown key is an error naming the valid ones."""
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"model.{name} has unknown keys {unknown}; valid: {sorted(defaults)}")
-    return {**defaults, **dict(given)}
+    return checked_options(f"model.{name}", given, defaults)
 
 
 def _is_dtensor(t) -> bool:
@@ -146,6 +143,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         max_consecutive_nonfinite: int = 20,
         val: dict | None = None,
         seed: int = 0,
+        allow_identity_latent_stats: bool = False,
+        allow_latent_stats_mismatch: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -189,10 +188,20 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
 
     # ---------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
-        """Check the data against the model and note the VAE / text encoder for the export."""
+        """Check the data against the model and note the VAE / text encoder for the export.
+
+        The latents must be normalised (the VAE that made them has latent statistics) and the
+        VAE decoding validation samples must share those statistics; both are recorded in
+        pipeline.json so that sampling can check its VAE the same way.
+        """
+        from vidgen.data.latents import INFO_NAME
+        from vidgen.tools.latent_stats import check_not_identity, check_same_stats, stats_of
+
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         info = getattr(dm, "info", None)
         cfg = self.dit.config
+        identity = dict(allow=self.hparams.allow_identity_latent_stats,
+                        knob="model.allow_identity_latent_stats")
         if info is not None:  # precomputed latents
             checks = [("dit.in_channels", cfg["in_channels"], info["vae_config"]["z_dim"], "latent channels"),
                       ("dit.text_dim", cfg["text_dim"], info["text_dim"], f"{info['text_encoder']} text width"),
@@ -201,6 +210,15 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
                 if ours != theirs:
                     raise ValueError(f"model.{knob}={ours} but the latents in {info['folder']} have "
                                      f"{what} {theirs}: set model.{knob}={theirs}")
+            stats = dict(mean=info["vae_config"]["latents_mean"], std=info["vae_config"]["latents_std"])
+            source = os.path.join(info["folder"], INFO_NAME)
+            check_not_identity(stats, info["vae"], latents=info["folder"], **identity)
+            if self.hparams.vae_path:  # it decodes the validation samples: must undo that normalisation
+                check_same_stats(stats, source, stats_of(self._vae()), self.hparams.vae_path,
+                                 allow=self.hparams.allow_latent_stats_mismatch,
+                                 knob="model.allow_latent_stats_mismatch",
+                                 fix=f"Set model.vae_path to the VAE the latents were encoded with "
+                                     f"({info['vae']}, with its statistics of then), or re-encode them")
             self._empty_text = dm.empty_text
             vae = os.path.abspath(self.hparams.vae_path) if self.hparams.vae_path else info["vae"]
             self._pipeline = dict(vae=vae, text_encoder=info["text_encoder"], text_dim=info["text_dim"],
@@ -209,10 +227,13 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             if not self.hparams.vae_path:
                 raise ValueError("training from video shards (data=video) encodes on the fly: set "
                                  "model.vae_path=<VAE folder | run folder> (or use data=latents)")
+            stats = stats_of(self._vae())
+            check_not_identity(stats, self.hparams.vae_path, **identity)
+            source = f"the VAE at {os.path.abspath(self.hparams.vae_path)} (encoded on the fly)"
             self._pipeline = dict(vae=os.path.abspath(self.hparams.vae_path),
                                   text_encoder=self.hparams.text_encoder, text_dim=cfg["text_dim"])
         self._pipeline.update(latent_channels=cfg["in_channels"], patch_size=list(cfg["patch_size"]),
-                              flow=self.flow)
+                              flow=self.flow, latent_stats=dict(stats, source=source))
 
     def configure_model(self) -> None:
         """torch.compile per block (optional) and FSDP2 sharding under ModelParallelStrategy."""

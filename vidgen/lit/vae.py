@@ -6,8 +6,14 @@ continues from stage 2 with a 3D discriminator (`disc` set) on multi-resolution 
 
 Optimisation is manual for every stage so that one code path serves all three: the generator
 and (stage 3) the discriminator have their own AdamW, warm-up schedule and gradient clipping,
-and a step whose gradients are not finite is skipped on every rank (gradients are checked
-after DDP's all-reduce, so all ranks agree) and counted, so a NaN never reaches the weights.
+and a step whose loss or gradients are not finite is skipped on every rank (the flag is
+all-reduced, so all ranks agree) and counted, so a NaN never reaches the weights.
+
+Data parallelism (`trainer=ddp`): DDP's reducer averages the VAE's gradients in the
+generator backward. The discriminator is kept out of DDP (`_ddp_params_and_buffers_to_ignore`):
+the generator's backward never reaches it and before `gan.start_step` it is idle, which a
+DDP reducer without `find_unused_parameters` refuses. Its gradients are averaged here, in
+one collective after its own backward, and its initial weights are broadcast from rank 0.
 """
 
 from __future__ import annotations
@@ -26,9 +32,20 @@ from vidgen.metrics.frames import psnr_per_frame
 from vidgen.models.vae import WanVAE, inflate_2d_to_3d
 from vidgen.models.vae.discriminator import Discriminator3D
 from vidgen.utils.checkpoint import find_export, read_module_state
+from vidgen.utils.config import checked_options
+from vidgen.utils.distributed import all_reduce_mean_, broadcast_
 from vidgen.utils.ema import EMA, ValidateWithEMA
-from vidgen.utils.guards import NonFiniteGuard, grads_finite
+from vidgen.utils.guards import NonFiniteGuard, grads_finite_flag
 from vidgen.utils.logging import log_video_grid
+
+# model.gan: every key, with its default. adaptive_max is in the units of the summed loss
+# (taming-transformers / Wan: L1 and KL summed per clip), see VAEModule.training_step.
+GAN_DEFAULTS = dict(start_step=0, weight=0.1, adaptive_max=1e4, reg="lecam", reg_weight=None,
+                    lecam_decay=0.999)
+# model.gan.reg -> the default reg_weight: LeCam's weight, R1's gamma (the loss adds gamma / 2 * R1)
+GAN_REGS = {"lecam": 0.001, "r1": 1.0, "none": 0.0}
+# VAE options that inflation takes from the stage-2 config rather than the 2D model's
+INFLATION_KEYS = ("temporal_downsample", "dropout")
 
 
 def warmup_lambda(warmup_steps: int):
@@ -51,6 +68,11 @@ def load_vae(path: str | os.PathLike, prefer_ema: bool = True) -> WanVAE:
     return vae
 
 
+def _same(value):
+    """Config values compared across stages: tuples and lists alike."""
+    return [_same(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 class VAEModule(ValidateWithEMA, L.LightningModule):
     """Train a `WanVAE` (stages 1-3).
 
@@ -59,7 +81,8 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
     init_from: earlier stage's VAE (folder, run folder or .ckpt); a 2D VAE is inflated
         into the 3D one, a same-shaped VAE is loaded as is.
     ema: {decay, warmup_steps} or None. disc: `Discriminator3D` kwargs or None (no GAN).
-    gan: start_step, weight, adaptive_max, reg ("lecam" | "r1" | "none"), reg_weight.
+    gan: start_step, weight, adaptive_max, reg ("lecam" | "r1" | "none"), reg_weight (LeCam's
+        weight, or R1's gamma), lecam_decay; see GAN_DEFAULTS.
     """
 
     def __init__(
@@ -97,8 +120,17 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
                 random_backbone=lp.get("lpips_random_backbone", False),
             )
         self.disc = Discriminator3D(**dict(disc)) if disc else None
-        self.gan = dict(gan or {})
-        self.lecam = LeCam(decay=self.gan.get("lecam_decay", 0.999)) if self.disc else None
+        self.gan = checked_options("model.gan", gan, GAN_DEFAULTS)
+        if self.gan["reg"] not in GAN_REGS:
+            raise ValueError(f"model.gan.reg={self.gan['reg']!r}; valid: {', '.join(GAN_REGS)}")
+        if self.gan["reg_weight"] is None:
+            self.gan["reg_weight"] = GAN_REGS[self.gan["reg"]]
+        self.lecam = LeCam(decay=self.gan["lecam_decay"]) if self.disc else None
+        if self.disc is not None:  # averaged by _step, not by DDP (module docstring)
+            self._ddp_params_and_buffers_to_ignore = [
+                f"disc.{n}" for n, _ in self.disc.named_parameters()
+            ] + [f"disc.{n}" for n, _ in self.disc.named_buffers()]
+        self.bucket_counts: dict[str, int] = {}  # training clips per bucket, this rank
         self.ema = EMA(self.vae, **dict(ema)) if ema else None
         self.guard = NonFiniteGuard(
             max_consecutive=max_consecutive_nonfinite, knob="model.max_consecutive_nonfinite"
@@ -110,19 +142,26 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         self.seen_keys: list[str] = []  # with audit_data: sample keys this rank trained on
 
     def _init_from(self, path: str) -> None:
+        """Load the earlier stage's VAE: inflated when it is 2D (with this stage's temporal
+        settings), else as is, where every shape-defining option must match."""
         src = load_vae(path)
-        if not src.config["temporal"] and self.vae.config["temporal"]:
-            keep = {k: v for k, v in self.vae.config.items() if k not in src.config or k == "temporal"}
-            inflated = inflate_2d_to_3d(src, **{k: v for k, v in keep.items() if k != "temporal"})
-            self.vae.load_state_dict(inflated.state_dict())
-        else:
+        ours = self.vae.config
+        if not src.config["temporal"] and ours["temporal"]:
             try:
-                self.vae.load_state_dict(src.state_dict())
-            except RuntimeError as e:
-                raise ValueError(
-                    f"init_from={path}: its VAE ({src.config}) does not fit this model's "
-                    f"config ({self.vae.config})"
-                ) from e
+                src = inflate_2d_to_3d(src, **{k: ours[k] for k in INFLATION_KEYS})
+            except ValueError as e:
+                raise ValueError(f"model.init_from={path}: {e}") from e
+        stats = ("latents_mean", "latents_std", "dropout")
+        diff = {k: (v, ours.get(k)) for k, v in src.config.items()
+                if k not in stats and _same(v) != _same(ours.get(k))}
+        if diff:
+            detail = "; ".join(f"model.vae.{k}: init_from has {a}, this stage {b}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"model.init_from={path}: its VAE does not fit this stage's model ({detail}). "
+                "Set these model.vae values to the earlier stage's, or start that stage again "
+                "with the values you want."
+            )
+        self.vae.load_state_dict(src.state_dict())
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -143,13 +182,17 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         return [opt_g, opt_d], [sched(opt_g), sched(opt_d)]
 
     def _step(self, opt, sched, loss: torch.Tensor, module: torch.nn.Module, name: str) -> bool:
-        """Backward, then step only if every gradient is finite; True when stepped."""
+        """Backward, then step only if the loss and every gradient are finite on every rank;
+        True when stepped. The discriminator's gradients are averaged over ranks here."""
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        finite = grads_finite(module) and torch.isfinite(loss.detach()).item()
-        if not self.guard.check(torch.tensor(0.0 if finite else float("nan")), name, self.global_step):
+        if module is self.disc:
+            all_reduce_mean_(p.grad for p in module.parameters() if p.grad is not None)
+        finite = torch.isfinite(loss.detach()) & grads_finite_flag(module)
+        stepped = self.guard.check_flag(finite, name, self.global_step)
+        self.log(f"train/nonfinite_{name}", float(self.guard.nonfinite.get(name, 0)))
+        if not stepped:
             opt.zero_grad(set_to_none=True)
-            self.log(f"train/nonfinite_{name}", float(self.guard.total), rank_zero_only=True)
             return False
         clip = self.hparams.optim.get("grad_clip")
         if clip:
@@ -172,6 +215,8 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
                 f"trainer.precision={self.trainer.precision} is not supported with the GAN "
                 "(fp16 loss scaling); use bf16-mixed or 32-true"
             )
+        if self.disc is not None:  # DDP broadcasts only what it manages (module docstring)
+            broadcast_([*self.disc.parameters(), *self.disc.buffers()])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["video"]
@@ -182,9 +227,10 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         scheds = self.lr_schedulers()
         opt_g, opt_d = (opts, None) if self.disc is None else opts
         sched_g, sched_d = (scheds, None) if self.disc is None else scheds
+        self._count_bucket(batch)
         lp = self.hparams.loss
         step = self.steps_done  # batches trained (global_step skips NaN-skipped steps)
-        gan_on = self.disc is not None and step >= self.gan.get("start_step", 0)
+        gan_on = self.disc is not None and step >= self.gan["start_step"]
 
         recon, mu, logvar = self.vae(x, sample_posterior=True, generator=self.noise)
         total, logs = vae_loss(
@@ -196,26 +242,31 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         if gan_on:
             self.toggle_optimizer(opt_g)
             g_adv = hinge_g_loss(self.disc(recon))
-            w = adaptive_weight(total, g_adv, self.vae.last_layer, max_weight=self.gan.get("adaptive_max", 1e4))
-            total = total + self.gan.get("weight", 0.1) * w * g_adv
-            logs.update({"g_adv": g_adv.detach(), "adaptive_w": w})
-        self._step(opt_g, sched_g, total, self.vae, "g")
+            # Our reconstruction terms are the summed ones divided by P (vidgen.losses.recon),
+            # so the gradient-norm ratio is P times smaller than taming's; adaptive_max is
+            # stated in taming's units, hence the clamp at adaptive_max / P.
+            per_clip = x[0].numel()
+            w = adaptive_weight(total, g_adv, self.vae.last_layer,
+                                max_weight=self.gan["adaptive_max"] / per_clip)
+            total = total + self.gan["weight"] * w * g_adv
+            logs.update({"g_adv": g_adv.detach(), "adaptive_w": w * per_clip})
+        stepped = self._step(opt_g, sched_g, total, self.vae, "g")
         if gan_on:
             self.untoggle_optimizer(opt_g)
-        if self.ema is not None:
+        if self.ema is not None and stepped:
             self.ema.update(self.vae, step)
 
         if gan_on:
             self.toggle_optimizer(opt_d)
-            real = x.detach().requires_grad_(self.gan.get("reg") == "r1")
+            reg, reg_weight = self.gan["reg"], self.gan["reg_weight"]
+            real = x.detach().requires_grad_(reg == "r1")
             logits_real, logits_fake = self.disc(real), self.disc(recon.detach())
             d_loss = hinge_d_loss(logits_real, logits_fake)
-            reg = self.gan.get("reg", "lecam")
             if reg == "lecam":
                 self.lecam.update(logits_real.detach(), logits_fake.detach())
-                d_loss = d_loss + self.gan.get("reg_weight", 0.001) * self.lecam(logits_real, logits_fake)
-            elif reg == "r1":
-                d_loss = d_loss + self.gan.get("reg_weight", 1.0) * gradient_penalty(logits_real, real)
+                d_loss = d_loss + reg_weight * self.lecam(logits_real, logits_fake)
+            elif reg == "r1":  # reg_weight is gamma (Mescheder et al. 2018: gamma / 2 * R1)
+                d_loss = d_loss + reg_weight / 2 * gradient_penalty(logits_real, real)
             self._step(opt_d, sched_d, d_loss, self.disc, "d")
             self.untoggle_optimizer(opt_d)
             logs.update({"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
@@ -226,6 +277,14 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         self.log("train/loss", total.detach(), prog_bar=True)
         self.log("data/skipped", float(self.skipped_samples))
         self.log("lr", opt_g.param_groups[0]["lr"])
+        seen = sum(self.bucket_counts.values())
+        self.log_dict({f"data/bucket_share/{b}": n / seen for b, n in self.bucket_counts.items()})
+
+    def _count_bucket(self, batch: dict[str, Any]) -> None:
+        """Clips per (frames x height x width) bucket; their shares are logged each step."""
+        x = batch["video"]
+        bucket = batch.get("bucket") or "x".join(str(n) for n in x.shape[2:])
+        self.bucket_counts[bucket] = self.bucket_counts.get(bucket, 0) + x.shape[0]
 
     # ---------------------------------------------------------------- validation
     def ema_model(self) -> torch.nn.Module:  # ValidateWithEMA: validation uses EMA weights
@@ -250,6 +309,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
             "noise": self.noise.get_state(),
             "skipped_samples": self.skipped_samples,
             "steps_done": self.steps_done,
+            "bucket_counts": dict(self.bucket_counts),
         }
         if self.hparams.audit_data:
             checkpoint["vidgen"]["audit"] = self._audit()
@@ -284,6 +344,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
             self.noise.set_state(extra["noise"])
         self.skipped_samples = extra.get("skipped_samples", 0)
         self.steps_done = extra.get("steps_done", 0)
+        self.bucket_counts = dict(extra.get("bucket_counts", {}))
 
     def on_train_end(self) -> None:
         """Export the VAE (EMA weights when kept) as `<run_dir>/vae/` for the next stage."""

@@ -18,9 +18,10 @@ GANs under limited data" (LeCam), Mescheder et al. 2018 (R1).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from vidgen.utils.distributed import all_reduce_mean_
 
 __all__ = [
     "hinge_d_loss",
@@ -68,7 +69,8 @@ class LeCam(nn.Module):
 
     The anchors `ema_real` / `ema_fake` are fp32 scalar buffers, so they are saved in the
     state_dict and a resumed run continues exactly. With torch.distributed initialised
-    (and `sync_ranks=True`) `update` averages the logit means over ranks, so every rank
+    (and `sync_ranks=True`) `update` averages the logit means over ranks (on the device the
+    backend serves); a non-finite mean on any rank leaves the anchors unchanged, so every rank
     holds the same anchors and the rank-0 checkpoint is valid for all.
 
     Usage per discriminator step (all ranks, in the same order):
@@ -99,17 +101,14 @@ class LeCam(nn.Module):
         means = torch.stack(
             [logits_real.detach().float().mean(), logits_fake.detach().float().mean()]
         )
-        if (
-            self.sync_ranks
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        ):
-            dist.all_reduce(means, op=dist.ReduceOp.SUM)
-            means /= dist.get_world_size()
+        if self.sync_ranks:
+            all_reduce_mean_([means])
         means = means.to(self.ema_real.device)
-        self.ema_real.lerp_(means[0], 1.0 - self.decay)
-        self.ema_fake.lerp_(means[1], 1.0 - self.decay)
+        # A non-finite batch (skipped by the training step's guard) must not poison the
+        # anchors for good: keep them where any rank saw NaN/Inf (no device sync).
+        keep = ~torch.isfinite(means).all()
+        self.ema_real.copy_(torch.where(keep, self.ema_real, self.ema_real.lerp(means[0], 1.0 - self.decay)))
+        self.ema_fake.copy_(torch.where(keep, self.ema_fake, self.ema_fake.lerp(means[1], 1.0 - self.decay)))
 
     def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
         """logits_real, logits_fake: any shape -> scalar regulariser (differentiable in D)."""

@@ -2,7 +2,7 @@
 
 frames.py   per-frame PSNR / SSIM / LPIPS of video pairs -> [B, T]
 video.py    VideoMetrics: streaming dataset averages and per-timestep curves
-i3d.py      InceptionI3d + load_i3d for `i3d_pretrained_400.pt`
+i3d.py      InceptionI3d (seeded random init for tests), load_i3d for `i3d_pretrained_400.pt`
 fvd.py      FVD protocol: preprocessing, FeatureStats, frechet_distance, streaming FVD
 report.py   write_report: report.json, report.md, PNG grids and curves
 """

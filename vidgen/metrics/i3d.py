@@ -22,6 +22,17 @@ Output: the 400 Kinetics logits averaged over the remaining time (and space) pos
 `[N, 400]`, the standard FVD feature for this network. At the protocol's 16x224x224 input
 the final feature map is 2x7x7 and the final 2x7x7 average pool leaves one position, as in
 the reference; smaller inputs (tests) clamp that pool window to the feature map.
+
+Random weights (tests, `metrics.random_backbones=true`): `InceptionI3d(seed=0)` is built
+with He-normal convolutions (std sqrt(2 / fan_in) before a ReLU), BatchNorm at identity
+statistics (mean 0, var 1, scale 1, shift 0; eval mode) and a logits layer of std
+sqrt(1 / fan_in) with zero bias, drawn from a private generator seeded with `seed`. Every
+layer then keeps the second moment of its input (~1 at the logits), so the features vary
+with the input and FVD grows with the distortion of a set. PyTorch's default conv init
+(variance 1 / (3 fan_in)) instead shrinks the second moment ~6x per conv + ReLU: through
+I3D's ~20 such layers the logits equal their bias for any input and FVD stays below 1e-9
+even between clean and heavily noised clips. The weights are drawn after construction, so
+the global RNG does not change them; `load_i3d` replaces them all.
 """
 
 from __future__ import annotations
@@ -146,12 +157,17 @@ class InceptionI3d(nn.Module):
         -> [N, num_classes] logits averaged over the final time (and space) positions.
 
     Built in eval mode: it is a fixed feature extractor (no dropout; BatchNorm uses the
-    loaded running statistics). Random weights are for tests; real use goes through
-    `load_i3d`.
+    loaded running statistics). Until weights are loaded it holds the seeded, informative
+    random weights of `init_random_` (tests); real use goes through `load_i3d`.
+    `weights` says which: "random:..." or the path of the loaded file.
     """
 
     def __init__(
-        self, num_classes: int = I3D_NUM_CLASSES, in_channels: int = 3, bn_eps: float = 1e-5
+        self,
+        num_classes: int = I3D_NUM_CLASSES,
+        in_channels: int = 3,
+        bn_eps: float = 1e-5,
+        seed: int = 0,
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -173,7 +189,32 @@ class InceptionI3d(nn.Module):
         self.Mixed_5b = InceptionModule(*_MIXED["Mixed_5b"], bn_eps)
         self.Mixed_5c = InceptionModule(*_MIXED["Mixed_5c"], bn_eps)
         self.logits = Unit3D(self.Mixed_5c.out_channels, num_classes, norm_act=False)
+        self.init_random_(seed)
         self.eval()
+
+    @torch.no_grad()
+    def init_random_(self, seed: int = 0) -> InceptionI3d:
+        """Seeded random weights whose features depend on the input (see module docstring).
+
+        Convs before a ReLU: N(0, 2 / fan_in) (He); BatchNorm: identity statistics;
+        logits: N(0, 1 / fan_in), bias 0. Same seed, same weights, on any machine.
+        """
+        g = torch.Generator().manual_seed(seed)
+        for unit in self.modules():
+            if not isinstance(unit, Unit3D):
+                continue
+            w = unit.conv3d.weight
+            gain = 2.0 if unit.norm_act else 1.0
+            w.copy_(torch.randn(w.shape, generator=g) * math.sqrt(gain / w[0].numel()))
+            if unit.norm_act:
+                unit.bn.reset_parameters()  # running mean 0 / var 1, weight 1, bias 0
+            else:
+                unit.conv3d.bias.zero_()
+        self.weights = (
+            f"random:seed={seed} (He-normal convs, identity BatchNorm; test backbone, "
+            "figures meaningless)"
+        )
+        return self
 
     def train(self, mode: bool = True) -> InceptionI3d:
         # Always eval: a parent's .train() (e.g. Lightning entering a training epoch with the
@@ -244,5 +285,5 @@ def load_i3d(path: str | os.PathLike, device: str | torch.device = "cpu") -> Inc
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
             f"{unexpected[:5]}"
         )
-    model.weights_path = str(path)  # recorded in the FVD protocol
+    model.weights = str(path)  # recorded in the FVD protocol
     return model.to(device).requires_grad_(False)

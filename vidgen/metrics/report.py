@@ -2,6 +2,7 @@
 
 report.json layout:
     {"metrics":   {"psnr": .., "ssim": .., "lpips": .., "fvd": .., "num_videos": ..},  # where computed
+     "missing":   {"fvd": "needs >= 2 clips per side ..."},   # asked for, not computable: null above
      "curves":    {"psnr_t": [..], "ssim_t": [..], ...},      # only when there are curves
      "protocol":  {...}, "config": {...}, "checkpoint": "...",
      "warnings":  ["..."], "timestamp": "2025-01-01T00:00:00+00:00",
@@ -155,9 +156,10 @@ def write_curves(path: Path, curves: Mapping[str, Sequence[float]]) -> None:
 
 
 def _fmt(value) -> str:
+    """A table cell: floats to 4 decimals, None as n/a, "|" escaped (it ends a cell)."""
     if isinstance(value, float):
         return f"{value:.4f}"
-    return "n/a" if value is None else str(value)
+    return "n/a" if value is None else str(value).replace("|", "\\|")
 
 
 def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, object]]:
@@ -184,6 +186,8 @@ def _markdown(report: dict, grid_frames: dict[str, list[int]]) -> str:
     ]
     for key, value in report["metrics"].items():
         label, better = METRIC_LABELS.get(key, (key, ""))
+        if key in report["missing"]:
+            value = f"missing: {report['missing'][key]}"
         lines.append(f"| {label} | {_fmt(value)} | {better} |")
     lines += ["", "## Protocol", "", "| Field | Value |", "|---|---|"]
     lines += [
@@ -220,6 +224,7 @@ def write_report(
     grids: Sequence[tuple[str, torch.Tensor, torch.Tensor]] | None = None,
     *,
     warnings: Sequence[str] | None = None,
+    missing: Mapping[str, str] | None = None,
     other_label: str = "reconstruction",
     grid_max_frames: int = 16,
 ) -> dict:
@@ -234,6 +239,9 @@ def write_report(
     curves: per-timestep curves, e.g. {"psnr_t": [...], "ssim_t": [...]}.
     grids: (name, real [C, T, H, W], other [C, T, H, W]) in [-1, 1]; `other_label` names
         the second row ("reconstruction" or "generated").
+    missing: metrics that were asked for but could not be computed, name -> reason
+        (e.g. {"fvd": "needs >= 2 clips per side, got 1"}): written as null in "metrics",
+        the reasons under "missing" and in the Markdown table.
     Returns {"json": Path, "markdown": Path, "curves": Path | None, "grids": [Path]}.
     """
     out = Path(out_dir)
@@ -246,10 +254,15 @@ def write_report(
             notes += [f"{key}: {w}" for w in value["warnings"]]
 
     scalars, metric_curves = _split_metrics(metrics)
-    if not scalars:
+    missing = {str(k): str(v) for k, v in (missing or {}).items()}
+    if not scalars and not missing:
         raise ValueError(
             f"write_report needs at least one scalar metric, got keys {sorted(metrics)}"
         )
+    both = sorted(set(missing) & set(scalars))
+    if both:
+        raise ValueError(f"write_report: {both} are given both as values and as missing")
+    scalars.update(dict.fromkeys(missing))  # None: null in report.json
     # Known figures first, in a fixed order, then anything else (num_videos, ...).
     ordered = {k: scalars[k] for k in METRIC_LABELS if k in scalars}
     ordered.update({k: v for k, v in scalars.items() if k not in ordered})
@@ -278,6 +291,7 @@ def write_report(
 
     report = {
         "metrics": _jsonable(ordered, "metrics", notes),
+        "missing": missing,
         "curves": _jsonable(all_curves, "curves", notes) if all_curves else None,
         "protocol": _jsonable(protocol, "protocol", notes),
         "config": _jsonable(config, "config", notes),

@@ -17,10 +17,13 @@ key (a ``_<bucket>`` suffix is added with ``every_bucket=true``) and:
     {key}.txt           the caption
     {key}.json          the source JSON + latent_shape, bucket, frame_indices, text_len, vae
 
-Dataset-level files in ``<out>``: ``latents_info.json`` (VAE path and config with its latent
-statistics, text encoder, dtypes, buckets) and ``empty_caption.safetensors`` (the embedding
-of "" that caption dropout and classifier-free guidance use). Re-running into the same
-folder with another VAE or text encoder is an error, not a silent mix.
+Dataset-level files in ``<out>``: ``latents_info.json`` (VAE path and config, whose
+``latents_mean`` / ``latents_std`` are the statistics the latents were normalised with:
+training and sampling compare them with the VAE that decodes; text encoder, dtypes, buckets)
+and ``empty_caption.safetensors`` (the embedding of "" that caption dropout and
+classifier-free guidance use). Re-running into the same folder with another VAE or text
+encoder is an error, not a silent mix. So is a VAE without latent statistics (mean 0 / std 1:
+run ``vidgen.tools.latent_stats`` on it first), unless ``allow_identity_latent_stats=true``.
 
 Resumable: a shard is written as ``<name>.tar.tmp`` and renamed when complete, and shards
 that already exist in ``<out>`` are skipped. Process ``rank`` of ``world`` takes input shards
@@ -161,6 +164,7 @@ def run(cfg) -> list[str]:
     from vidgen.data.shards import expand_shards
     from vidgen.lit.vae import load_vae
     from vidgen.text import build_text_encoder, trim_padding
+    from vidgen.tools.latent_stats import check_not_identity, stats_of
 
     rank, world = rank_and_world(cfg.rank, cfg.world)
     latent_dtype = _dtype(cfg.latent_dtype, "latent_dtype")
@@ -176,6 +180,7 @@ def run(cfg) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
 
     vae = load_vae(cfg.vae).to(device).eval()
+    check_not_identity(stats_of(vae), cfg.vae, allow=cfg.allow_identity_latent_stats)
     if cfg.data.buckets is None:
         vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)  # validates
     else:

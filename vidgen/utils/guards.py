@@ -17,22 +17,22 @@ with an error that says which loss and which knob to change.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-__all__ = ["NonFiniteGuard", "grads_finite"]
+from vidgen.utils.distributed import all_ranks_true
+
+__all__ = ["NonFiniteGuard", "grads_finite", "grads_finite_flag"]
 
 
-def _all_ranks_true(flag: torch.Tensor, sync_ranks: bool) -> bool:
-    """True only if `flag` (a 0-d bool tensor) is True on every rank.
-
-    Under DDP each rank must take the same decision, or one rank would skip a step (and
-    its gradient all-reduce) while the others wait for it. Every rank must call this.
-    """
-    if sync_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = flag.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def grads_finite_flag(module: nn.Module) -> torch.Tensor:
+    """0-d bool tensor on the gradients' device: every existing .grad of `module` is
+    finite (no device sync). Parameters without a gradient are ignored."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        param = next(module.parameters(), None)
+        return torch.ones((), dtype=torch.bool, device=param.device if param is not None else None)
+    device = grads[0].device
+    return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all()
 
 
 def grads_finite(module: nn.Module, sync_ranks: bool = False) -> bool:
@@ -40,16 +40,9 @@ def grads_finite(module: nn.Module, sync_ranks: bool = False) -> bool:
 
     After DDP's all-reduce the gradients are the same on all ranks, so no sync is needed;
     with sharded gradients (FSDP) pass sync_ranks=True and call it on every rank.
-    Parameters without a gradient are ignored; a module without any gradient is finite.
     """
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return True
-    # Per-device flags first, then one .item(): avoids a sync per tensor.
-    per_tensor = [torch.isfinite(g).all() for g in grads]
-    device = per_tensor[0].device
-    flag = torch.stack([f.to(device) for f in per_tensor]).all()
-    return _all_ranks_true(flag, sync_ranks)
+    flag = grads_finite_flag(module)
+    return all_ranks_true(flag) if sync_ranks else bool(flag.item())
 
 
 class NonFiniteGuard:
@@ -59,12 +52,15 @@ class NonFiniteGuard:
         max_consecutive: how many consecutive non-finite checks of one loss are tolerated
             (skipped); the next one raises. 0 raises on the first.
         knob: the config key users should change, quoted in the error message.
-        sync_ranks: under torch.distributed, agree across ranks (a loss counts as
-            non-finite if it is on any rank) so all ranks skip the same steps. Every rank
-            must then call `check` for the same losses in the same order.
+        sync_ranks: whenever a torch.distributed process group is up (world size 1
+            included), agree across ranks (a loss counts as non-finite if it is on any
+            rank) so all ranks skip the same steps. Every rank must then call `check` for
+            the same losses in the same order. The flag is reduced on the device the
+            backend serves (CUDA under NCCL), see `vidgen.utils.distributed`.
 
     Counters are kept per loss name (the consecutive count of "d_loss" is not reset by a
-    finite "g_loss"), saved by `state_dict` so a resumed run keeps counting.
+    finite "g_loss"; `nonfinite[name]` totals each name), saved by `state_dict` so a
+    resumed run keeps counting.
     """
 
     def __init__(
@@ -78,6 +74,7 @@ class NonFiniteGuard:
         self.num_checks = 0  # all calls to check(), all names
         self.total_nonfinite = 0  # all non-finite checks, all names
         self.consecutive: dict[str, int] = {}  # per name, reset by a finite value
+        self.nonfinite: dict[str, int] = {}  # per name, all non-finite checks
 
     def check(self, loss: torch.Tensor, name: str = "loss", step: int | None = None) -> bool:
         """True when `loss` (any shape) is finite everywhere; False means: skip this step.
@@ -85,12 +82,20 @@ class NonFiniteGuard:
         Raises RuntimeError when `name` has now been non-finite more than
         `max_consecutive` times in a row. Costs one device sync (.item()).
         """
+        return self.check_flag(torch.isfinite(loss.detach()).all(), name, step)
+
+    def check_flag(self, finite: torch.Tensor, name: str = "loss", step: int | None = None) -> bool:
+        """`check` for a precomputed 0-d bool tensor (e.g. loss and gradients finite)."""
         self.num_checks += 1
-        finite = _all_ranks_true(torch.isfinite(loss.detach()).all(), self.sync_ranks)
+        if self.sync_ranks:
+            finite = all_ranks_true(finite)
+        else:
+            finite = bool(finite.item())
         if finite:
             self.consecutive[name] = 0
             return True
         self.total_nonfinite += 1
+        self.nonfinite[name] = self.nonfinite.get(name, 0) + 1
         run = self.consecutive.get(name, 0) + 1
         self.consecutive[name] = run
         if run > self.max_consecutive:
@@ -109,12 +114,14 @@ class NonFiniteGuard:
             "num_checks": self.num_checks,
             "total_nonfinite": self.total_nonfinite,
             "consecutive": dict(self.consecutive),
+            "nonfinite": dict(self.nonfinite),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.num_checks = int(state["num_checks"])
         self.total_nonfinite = int(state["total_nonfinite"])
         self.consecutive = {str(k): int(v) for k, v in state["consecutive"].items()}
+        self.nonfinite = {str(k): int(v) for k, v in state.get("nonfinite", {}).items()}
 
     def __repr__(self) -> str:
         return (

@@ -186,6 +186,9 @@ class AttentionBlock(nn.Module):
         self.norm = RMSNorm(dim, ndim=4)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
+        # As in Wan2.1: the block starts as the identity (plus the bias), which matters
+        # when training from scratch.
+        nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: torch.Tensor, cache: Cache = None) -> torch.Tensor:
         """x: [B, C, T, H, W] -> same shape. Stateless in time, so `cache` is unused."""
