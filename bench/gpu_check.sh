@@ -8,7 +8,12 @@
 #                  per-sample forwards with the automatic backend;
 #   3. vae_bf16    a 300-step bf16-mixed VAE stage-1 run on the GPU (trainer=gpu) on freshly
 #                  generated synthetic clips; vae_loss: its loss must fall and stay finite;
-#   4. mfu         bench/bench_dit.py for the 1.3B shape in bf16 with activation
+#   4. ddp_*       every stage for a few steps as multi-GPU users launch it, on one GPU:
+#                  trainer=ddp trainer.devices=1 (NCCL), so every collective of the training
+#                  modules (guards, the stage-3 discriminator's gradients, LeCam, metrics)
+#                  runs with its tensors on the GPU: VAE stages 1 -> 2 -> 3 (GAN from step
+#                  0), latent statistics, latent precompute, DiT stages 1 -> 2;
+#   5. mfu         bench/bench_dit.py for the 1.3B shape in bf16 with activation
 #                  checkpointing: tokens/s vs diffusers and MFU (target >= 40%), also as JSON.
 #
 # Each step writes OUT_DIR/<step>.log and a line to OUT_DIR/summary.txt; a failing step does
@@ -78,6 +83,26 @@ print(f"train/loss: {len(loss)} logged values, mean of the first {n} {first:.4f}
 if not all(math.isfinite(x) for x in loss) or not last < first:
     raise SystemExit("the bf16 loss did not fall or was not finite")
 EOF
+
+# every stage under DDP with one GPU (NCCL): each continues from the one before
+ddp=(trainer=ddp trainer.devices=1 trainer.max_steps=20 trainer.limit_val_batches=1
+     data.num_workers=2 data.train.batches_per_epoch=10)
+vdata=(data.train.shards="$data/train" data.val.shards="$data/val")
+step ddp_vae1 "$PY" train.py experiment=demo/vae_stage1 "${ddp[@]}" "${vdata[@]}" paths.run_dir="$data/v1"
+step ddp_vae2 "$PY" train.py experiment=demo/vae_stage2 "${ddp[@]}" "${vdata[@]}" paths.run_dir="$data/v2" \
+    model.init_from="$data/v1"
+step ddp_vae3 "$PY" train.py experiment=demo/vae_stage3 "${ddp[@]}" "${vdata[@]}" paths.run_dir="$data/v3" \
+    model.init_from="$data/v2" model.gan.start_step=0
+step ddp_latents "$PY" -m vidgen.tools.latent_stats ckpt="$data/v3" data.shards="$data/train" \
+    data.num_frames=17 data.max_videos=32 chunked=false
+for s in train val; do
+    step "ddp_encode_$s" "$PY" -m vidgen.tools.encode_latents vae="$data/v3" data.shards="$data/$s" \
+        out="$data/latents/$s" 'data.buckets=[5x32x32,9x64x64]' every_bucket=true chunked=false
+done
+ldata=(data.train.shards="$data/latents/train" data.val.shards="$data/latents/val" model.vae_path="$data/v3")
+step ddp_dit1 "$PY" train.py experiment=demo/dit_stage1 "${ddp[@]}" "${ldata[@]}" paths.run_dir="$data/d1"
+step ddp_dit2 "$PY" train.py experiment=demo/dit_stage2 "${ddp[@]}" "${ldata[@]}" paths.run_dir="$data/d2" \
+    model.init_from="$data/d1"
 rm -rf "$data"
 
 step mfu "$PY" bench/bench_dit.py --device cuda --dtype bfloat16 --size 1.3B --checkpointing \

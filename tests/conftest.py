@@ -20,3 +20,11 @@ def synthetic_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     make_synthetic_dataset(out, num_videos=24, size=32, frames=9, fps=8, val_videos=4, seed=0)
     return out
+
+
+# The repository root on sys.path, as for `python train.py` run from there, so that Hydra
+# targets like `tests.callbacks.InjectNonFinite` resolve in-process too.
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))

@@ -37,7 +37,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vidgen.data.pipeline import BATCH_DTYPES, VideoShardDataset, build_video_dataset, resolve_buckets
+from vidgen.data.pipeline import (
+    BATCH_DTYPES,
+    VideoShardDataset,
+    build_video_dataset,
+    resolve_buckets,
+)
 from vidgen.data.video import to_model_range
 
 

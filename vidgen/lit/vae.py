@@ -10,10 +10,13 @@ and a step whose loss or gradients are not finite is skipped on every rank (the 
 all-reduced, so all ranks agree) and counted, so a NaN never reaches the weights.
 
 Data parallelism (`trainer=ddp`): DDP's reducer averages the VAE's gradients in the
-generator backward. The discriminator is kept out of DDP (`_ddp_params_and_buffers_to_ignore`):
-the generator's backward never reaches it and before `gan.start_step` it is idle, which a
-DDP reducer without `find_unused_parameters` refuses. Its gradients are averaged here, in
-one collective after its own backward, and its initial weights are broadcast from rank 0.
+generator backward, except for two groups kept out of DDP (`_ddp_params_and_buffers_to_ignore`)
+that a DDP reducer without `find_unused_parameters` would refuse: the discriminator (the
+generator's backward never reaches it, and before `gan.start_step` it is idle) and the VAE's
+temporal resampling convs (unused by a batch of 1-frame clips, which image buckets give).
+Their gradients are averaged here, one collective after each backward
+(`vidgen.utils.distributed.average_grads_`), and their initial weights are broadcast from
+rank 0 at the start of fit.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from vidgen.models.vae import WanVAE, inflate_2d_to_3d
 from vidgen.models.vae.discriminator import Discriminator3D
 from vidgen.utils.checkpoint import find_export, read_module_state
 from vidgen.utils.config import checked_options
-from vidgen.utils.distributed import all_reduce_mean_, broadcast_
+from vidgen.utils.distributed import average_grads_, broadcast_
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard, grads_finite_flag
 from vidgen.utils.logging import log_video_grid
@@ -126,10 +129,13 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         if self.gan["reg_weight"] is None:
             self.gan["reg_weight"] = GAN_REGS[self.gan["reg"]]
         self.lecam = LeCam(decay=self.gan["lecam_decay"]) if self.disc else None
-        if self.disc is not None:  # averaged by _step, not by DDP (module docstring)
-            self._ddp_params_and_buffers_to_ignore = [
-                f"disc.{n}" for n, _ in self.disc.named_parameters()
-            ] + [f"disc.{n}" for n, _ in self.disc.named_buffers()]
+        # averaged by _step and broadcast at fit start, not by DDP (module docstring)
+        outside = set(map(id, self.vae.multi_frame_parameters()))
+        if self.disc is not None:
+            outside |= set(map(id, self.disc.parameters()))
+        self._ddp_params_and_buffers_to_ignore = [
+            n for n, p in self.named_parameters() if id(p) in outside
+        ] + ([f"disc.{n}" for n, _ in self.disc.named_buffers()] if self.disc is not None else [])
         self.bucket_counts: dict[str, int] = {}  # training clips per bucket, this rank
         self.ema = EMA(self.vae, **dict(ema)) if ema else None
         self.guard = NonFiniteGuard(
@@ -186,8 +192,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         True when stepped. The discriminator's gradients are averaged over ranks here."""
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if module is self.disc:
-            all_reduce_mean_(p.grad for p in module.parameters() if p.grad is not None)
+        average_grads_(self.disc.parameters() if module is self.disc else self.vae.multi_frame_parameters())
         finite = torch.isfinite(loss.detach()) & grads_finite_flag(module)
         stepped = self.guard.check_flag(finite, name, self.global_step)
         self.log(f"train/nonfinite_{name}", float(self.guard.nonfinite.get(name, 0)))
@@ -215,8 +220,11 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
                 f"trainer.precision={self.trainer.precision} is not supported with the GAN "
                 "(fp16 loss scaling); use bf16-mixed or 32-true"
             )
-        if self.disc is not None:  # DDP broadcasts only what it manages (module docstring)
-            broadcast_([*self.disc.parameters(), *self.disc.buffers()])
+        # DDP broadcasts only what it manages (module docstring)
+        outside = self.vae.multi_frame_parameters()
+        if self.disc is not None:
+            outside += [*self.disc.parameters(), *self.disc.buffers()]
+        broadcast_(outside)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["video"]
@@ -261,16 +269,22 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
             reg, reg_weight = self.gan["reg"], self.gan["reg_weight"]
             real = x.detach().requires_grad_(reg == "r1")
             logits_real, logits_fake = self.disc(real), self.disc(recon.detach())
-            d_loss = hinge_d_loss(logits_real, logits_fake)
+            d_hinge = hinge_d_loss(logits_real, logits_fake)
+            d_loss = d_hinge
             if reg == "lecam":
                 self.lecam.update(logits_real.detach(), logits_fake.detach())
-                d_loss = d_loss + reg_weight * self.lecam(logits_real, logits_fake)
+                d_reg = self.lecam(logits_real, logits_fake)
+                d_loss = d_loss + reg_weight * d_reg
             elif reg == "r1":  # reg_weight is gamma (Mescheder et al. 2018: gamma / 2 * R1)
-                d_loss = d_loss + reg_weight / 2 * gradient_penalty(logits_real, real)
+                d_reg = gradient_penalty(logits_real, real)
+                d_loss = d_loss + reg_weight / 2 * d_reg
             self._step(opt_d, sched_d, d_loss, self.disc, "d")
             self.untoggle_optimizer(opt_d)
-            logs.update({"d_loss": d_loss.detach(), "logits_real": logits_real.mean().detach(),
+            logs.update({"d_loss": d_loss.detach(), "d_hinge": d_hinge.detach(),
+                         "logits_real": logits_real.mean().detach(),
                          "logits_fake": logits_fake.mean().detach()})
+            if reg != "none":
+                logs["d_reg"] = d_reg.detach()  # unweighted: LeCam's R, or R1's E||grad D||^2
 
         self.steps_done += 1
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"})

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["initialized", "collective_device", "all_ranks_true", "all_reduce_mean_", "broadcast_"]
+__all__ = ["initialized", "collective_device", "all_ranks_true", "all_reduce_mean_", "average_grads_",
+           "broadcast_"]
 
 
 def initialized() -> bool:
@@ -63,6 +64,27 @@ def all_reduce_mean_(tensors: Iterable[torch.Tensor]) -> None:
         flat /= dist.get_world_size()
         for t, mean in zip(group, _unflatten_dense_tensors(flat, group)):
             t.copy_(mean)
+
+
+@torch.no_grad()
+def average_grads_(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients of `params` over ranks as DDP does (sum / world size), for
+    parameters kept out of DDP's reducer. A parameter without a gradient on some rank (not
+    used by its batch) counts as zero there; one without a gradient on every rank keeps
+    `grad=None`, so the optimizer leaves it alone as it would in a single-process run."""
+    if not initialized():
+        return
+    for group in _by_dtype(params):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+        used = torch.tensor([float(p.grad is not None) for p in group], dtype=group[0].dtype,
+                            device=group[0].device)
+        device = collective_device(group[0].device)
+        flat = _flatten_dense_tensors([t.detach().to(device) for t in [*grads, used]])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        *sums, users = _unflatten_dense_tensors(flat, [*grads, used])
+        world = dist.get_world_size()
+        for p, total, n in zip(group, sums, users.tolist()):
+            p.grad = (total / world).to(p.device) if n > 0 else None
 
 
 @torch.no_grad()

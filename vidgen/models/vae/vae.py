@@ -286,6 +286,11 @@ class WanVAE(nn.Module):
         self.gradient_checkpointing = enabled
         return self
 
+    def multi_frame_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters a 1-frame clip does not use: the temporal resampling convs (the
+        first frame passes them untouched). Empty for the 2D model."""
+        return [p for n, p in self.named_parameters() if ".time_conv." in n]
+
     @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's final conv weight (the GAN's adaptive weight uses its gradients)."""
