@@ -1,9 +1,8 @@
 """Every experiment composes, every group option composes, and CLI overrides land."""
 
-from pathlib import Path
-
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch

@@ -116,7 +116,7 @@ def test_vae_experiment_under_ddp(tmp_path, synthetic_data, vae_inits, experimen
 # --------------------------------------------------------------------------- DiT stages
 
 
-def _dit_overrides(setup):
+def _dit_overrides(setup):  # noqa: F811
     return [
         f"data.train.shards={setup}/train", f"data.val.shards={setup}/val",
         f"model.vae_path={setup}/vae", "data.train.buckets=[9x32x32]", "data.train.max_tokens=48",

@@ -59,12 +59,19 @@ def test_stage1_then_stage2_reduce_the_loss(tmp_path, synthetic_data):
                          "trainer.max_steps=12", "data.train.batches_per_epoch=6",
                          "data.val.num_frames=5", "optim.lr=1e-3", "optim.warmup_steps=2"))
     losses = _losses(s2)
-    assert _mean(losses[-3:]) < _mean(losses[:3]), losses
+    assert _mean(losses[-3:]) < 0.93 * _mean(losses[:3]), losses  # measured 0.87
     assert "val/psnr" in metrics
     from vidgen.models.vae import WanVAE
 
     vae = WanVAE.from_pretrained(s2 / "vae")
     assert vae.config["temporal"] is True
+    # the export holds the EMA weights, not the raw ones
+    _, ckpt = _weights(s2)
+    shadow = ckpt["vidgen"]["ema"]["shadow"]
+    exported = vae.state_dict()
+    assert shadow and all(torch.equal(exported[k], v) for k, v in shadow.items())
+    raw = {k.removeprefix("vae."): v for k, v in ckpt["state_dict"].items() if k.startswith("vae.")}
+    assert any(not torch.equal(exported[k], raw[k]) for k in shadow), "EMA differs from the raw weights"
 
 
 def test_stage2_without_init_from_is_an_error(tmp_path, synthetic_data):
@@ -136,7 +143,8 @@ def test_stage3_gan_run_and_exact_resume(tmp_path, synthetic_data):
     train(_cfg(s2, synthetic_data, "demo/vae_stage2", "model.require_init_from=false",
                "trainer.max_steps=2", "data.train.batches_per_epoch=2", "data.val.num_frames=5"))
     common = [f"model.init_from={s2}", "model.gan.start_step=1", "model.disc.base_channels=8",
-              "data.train.buckets=[5x32x32,5x32x48]", "data.train.batches_per_epoch=3",
+              "data.train.buckets=[5x32x32,5x32x48]", "data.train.bucket_weights=null",
+              "data.train.batches_per_epoch=3",
               "data.val.num_frames=5", "trainer.limit_val_batches=0"]
     full = tmp_path / "full"
     train(_cfg(full, synthetic_data, "demo/vae_stage3", "trainer.max_steps=6", *common))

@@ -11,8 +11,17 @@ from vidgen.models.vae.tiling import blend_weights, tile_spans, tiled_decode, ti
 
 @pytest.fixture(scope="module")
 def vae():
+    from vidgen.models.vae.layers import AttentionBlock
+
     torch.manual_seed(0)
-    return WanVAE(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1).eval()
+    model = WanVAE(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1).eval()
+    # Live attention, as in a trained VAE (a fresh one starts with zero output projections,
+    # which would take the whole-frame attention out of the tiled-vs-untiled comparison).
+    torch.manual_seed(1)
+    for block in model.modules():
+        if isinstance(block, AttentionBlock):
+            block.proj.reset_parameters()
+    return model
 
 
 def smooth_clip(frames, height, width, batch=1, seed=1):

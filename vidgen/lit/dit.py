@@ -122,6 +122,9 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
     cfg_dropout, max_tokens: caption dropout and packing budget of the on-the-fly mode.
     val: num_samples, steps, solver, cfg_scale, timesteps (fixed validation loss times).
     fsdp: param_dtype (None | "bfloat16"), reduce_dtype, reshard_after_forward (FSDP2 only).
+    allow_identity_latent_stats, allow_latent_stats_mismatch: opt-outs of the latent-statistics
+        checks in setup() (a VAE without statistics; a decoding VAE whose statistics differ
+        from those the latents were normalised with).
     """
 
     def __init__(
