@@ -2,13 +2,13 @@
 stage, the GAN weighting (adaptive clamp, LeCam and R1 weights), option checks, and how
 a stage takes the previous stage's VAE (inflation with this stage's temporal settings)."""
 
-import csv
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
+from test_dit_train import _rows, _series
 
 from vidgen.lit.vae import VAEModule
 from vidgen.models.vae import WanVAE
@@ -36,15 +36,6 @@ def _cfg(run_dir, data, experiment, *extra):
     ]
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         return compose("train", overrides=overrides)
-
-
-def _rows(run_dir):
-    with open(Path(run_dir) / "csv" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def _series(run_dir, key):
-    return [float(r[key]) for r in _rows(run_dir) if r.get(key)]
 
 
 POISON = ["+callbacks.poison._target_=tests.callbacks.InjectNonFinite", "+callbacks.poison.rank=0"]
