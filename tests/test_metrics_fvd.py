@@ -321,5 +321,6 @@ def test_fvd_ladder_at_protocol_size():
         fvd.fake = FeatureStats(400)
         fvd.update_fake(_noisy(clips, sigma) if sigma else clips.clone())
         values.append(fvd.compute()[0])
+    print("FVD ladder (noise sigma 0, 0.05, 0.2, 0.5):", " / ".join(f"{v:.3g}" for v in values))
     assert values[0] == pytest.approx(0.0, abs=1e-9)
     assert 0.05 < values[1] < values[2] < values[3], values

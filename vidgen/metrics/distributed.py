@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from vidgen.utils.distributed import collective_device
+
 
 def is_distributed() -> bool:
     """True when a process group with more than one rank is up."""
@@ -17,11 +19,8 @@ def is_distributed() -> bool:
 
 
 def _collective_device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo (and the CPU side of "cpu:gloo,cuda:nccl") takes CPU.
-    backend = str(dist.get_backend()).lower()
-    if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    # gloo (and the CPU side of "cpu:gloo,cuda:nccl") takes CPU; NCCL alone, CUDA.
+    return collective_device(torch.device("cpu"))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
