@@ -85,7 +85,7 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     """Reconstruct held-out clips through the VAE (chunked causal path) and score them."""
     from vidgen.lit.vae import load_vae
 
-    vae = load_vae(cfg.ckpt).to(device).eval()
+    vae = load_vae(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
     vae.check_frames(cfg.data.num_frames)
     lpips_model, fvd = _metric_models(cfg, device)
     scores = VideoMetrics(psnr=cfg.metrics.psnr, ssim=cfg.metrics.ssim, lpips_model=lpips_model)
@@ -147,7 +147,7 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
 
     if not cfg.metrics.fvd:
         raise ValueError("task=dit_gen reports FVD of generated vs reference clips: set metrics.fvd=true")
-    pipeline = read_pipeline(cfg.ckpt)
+    pipeline = read_pipeline(cfg.ckpt, trust=cfg.trust_checkpoint)
     vae_path = cfg.vae or pipeline.get("vae")
     encoder_name = cfg.text_encoder or pipeline.get("text_encoder")
     if not vae_path or not encoder_name:
@@ -155,11 +155,11 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
             f"ckpt={cfg.ckpt} names no VAE / text encoder (no dit/pipeline.json): pass "
             "vae=<VAE folder> and text_encoder=minilm|<local T5 dir>"
         )
-    vae = load_vae(vae_path).to(device).eval()
+    vae = load_vae(vae_path, trust=cfg.trust_checkpoint).to(device).eval()
     check_decoding_vae(vae, vae_path, pipeline, allow_identity=cfg.allow_identity_latent_stats,
                        allow_mismatch=cfg.allow_latent_stats_mismatch)
     vae.check_frames(cfg.data.num_frames)
-    dit = load_dit(cfg.ckpt).to(device).eval()
+    dit = load_dit(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
     text_encoder = build_text_encoder(encoder_name, device=device)
     _, fvd = _metric_models(OmegaConf.merge(cfg, {"metrics": {"lpips": False}}), device)
     s = cfg.sampling

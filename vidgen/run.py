@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from vidgen.utils.checkpoint import AtomicCheckpointIO, resolve_ckpt_path
+from vidgen.utils.checkpoint import AtomicCheckpointIO, load_checkpoint_file, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision("high")
     run_dir = Path(cfg.paths.run_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), str(run_dir), cfg.paths.task_dir)
+    if ckpt_path and not cfg.trust_checkpoint:  # refuse code before any strategy reads the file:
+        load_checkpoint_file(ckpt_path, mmap=True)  # FSDP's full-file reader unpickles in full
     _save_config(cfg, run_dir)
 
     datamodule = instantiate(cfg.data)
@@ -55,9 +57,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks=_instantiate_group(cfg.get("callbacks")),
         logger=_instantiate_group(cfg.get("logger")) or False,
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(trust=cfg.trust_checkpoint)],
     )
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not cfg.trust_checkpoint)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

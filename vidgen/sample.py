@@ -176,14 +176,17 @@ def to_uint8_frames(video: Tensor) -> np.ndarray:
     return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
 
 
-def read_pipeline(ckpt: str | os.PathLike) -> dict:
-    """The pipeline.json next to an exported DiT (run folder or dit/ folder), or {} for a .ckpt."""
+def read_pipeline(ckpt: str | os.PathLike, trust: bool = False) -> dict:
+    """The pipeline.json next to an exported DiT (run folder or dit/ folder), or the record a
+    .ckpt keeps (loaded weights-only unless ``trust``); {} when there is neither."""
+    from vidgen.utils.checkpoint import load_checkpoint_file
+
     path = Path(ckpt)
     for candidate in (path / "dit" / PIPELINE_NAME, path / PIPELINE_NAME):
         if candidate.is_file():
             return json.loads(candidate.read_text())
     if path.is_file():
-        ckpt_data = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt_data = load_checkpoint_file(path, trust=trust)
         return dict(ckpt_data.get("vidgen", {}).get("pipeline") or {})
     return {}
 
@@ -236,7 +239,7 @@ def run(cfg) -> list[str]:
     from vidgen.lit.vae import load_vae
     from vidgen.text import build_text_encoder
 
-    pipeline = read_pipeline(cfg.ckpt)
+    pipeline = read_pipeline(cfg.ckpt, trust=cfg.trust_checkpoint)
     vae_path = cfg.vae or pipeline.get("vae")
     encoder_name = cfg.text_encoder or pipeline.get("text_encoder")
     if not vae_path:
@@ -247,10 +250,10 @@ def run(cfg) -> list[str]:
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
     prompts = [cfg.prompt] if isinstance(cfg.prompt, str) else list(cfg.prompt)
-    vae = load_vae(vae_path).to(device).eval()
+    vae = load_vae(vae_path, trust=cfg.trust_checkpoint).to(device).eval()
     check_decoding_vae(vae, vae_path, pipeline, allow_identity=cfg.allow_identity_latent_stats,
                        allow_mismatch=cfg.allow_latent_stats_mismatch)
-    dit = load_dit(cfg.ckpt).to(device).eval()
+    dit = load_dit(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
     text_encoder = build_text_encoder(encoder_name, device=device)
     videos = generate(
         dit, vae, text_encoder, prompts, cfg.num_frames, cfg.height, cfg.width, steps=cfg.steps,

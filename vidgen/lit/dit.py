@@ -66,12 +66,13 @@ def build_dit(size: str | None, dit: dict) -> WanDiT:
     return build_wan_dit(size, **kwargs) if size else WanDiT(**kwargs)
 
 
-def load_dit(path: str | os.PathLike, prefer_ema: bool = True) -> WanDiT:
-    """A DiT from a ``save_pretrained`` folder, a run folder (its ``dit/``) or a Lightning ``.ckpt``."""
+def load_dit(path: str | os.PathLike, prefer_ema: bool = True, trust: bool = False) -> WanDiT:
+    """A DiT from a ``save_pretrained`` folder, a run folder (its ``dit/``) or a Lightning ``.ckpt``
+    (weights-only unless ``trust``: see ``vidgen.utils.checkpoint.load_checkpoint_file``)."""
     path = find_export(path, "dit")
     if path.is_dir():
         return WanDiT.from_pretrained(path)
-    hp, state = read_module_state(path, "dit", prefer_ema)
+    hp, state = read_module_state(path, "dit", prefer_ema, trust=trust)
     with torch.device("meta"):  # the state dict supplies every tensor: skip random init
         model = build_dit(hp.get("size"), hp["dit"])
     model.load_state_dict(state, assign=True)
@@ -118,6 +119,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
     optim: lr, betas, weight_decay, warmup_steps, grad_clip. ema: {decay, warmup_steps} or None.
     init_from: an earlier stage's DiT (run folder, dit/ folder or .ckpt) to start from.
     vae_path: VAE for on-the-fly encoding (data=video) and for decoding validation samples.
+    trust_checkpoint: load init_from / vae_path .ckpt files in full, not weights-only (they may
+        run code: README, Trust).
     text_encoder: encoder for on-the-fly mode (latent shards carry their own embeddings).
     cfg_dropout, max_tokens: caption dropout and packing budget of the on-the-fly mode.
     val: num_samples, steps, solver, cfg_scale, timesteps (fixed validation loss times).
@@ -137,6 +140,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         init_from: str | None = None,
         require_init_from: bool = False,
         vae_path: str | None = None,
+        trust_checkpoint: bool = False,
         text_encoder: str = "minilm",
         cfg_dropout: float = 0.1,
         max_tokens: int | None = None,
@@ -159,7 +163,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             )
         self.dit = build_dit(size, dit)
         if init_from:
-            src = load_dit(init_from)
+            src = load_dit(init_from, trust=trust_checkpoint)
             if src.config != self.dit.config:
                 diff = {k: (v, self.dit.config.get(k)) for k, v in src.config.items()
                         if self.dit.config.get(k) != v}
@@ -278,7 +282,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         if "vae" not in self._frozen:
             from vidgen.lit.vae import load_vae
 
-            self._frozen["vae"] = load_vae(self.hparams.vae_path).eval().requires_grad_(False)
+            vae = load_vae(self.hparams.vae_path, trust=self.hparams.trust_checkpoint)
+            self._frozen["vae"] = vae.eval().requires_grad_(False)
         return self._frozen["vae"].to(self.device)
 
     def _text_encoder(self):

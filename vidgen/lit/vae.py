@@ -56,16 +56,17 @@ def warmup_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
-def load_vae(path: str | os.PathLike, prefer_ema: bool = True) -> WanVAE:
+def load_vae(path: str | os.PathLike, prefer_ema: bool = True, trust: bool = False) -> WanVAE:
     """A VAE from a `save_pretrained` folder, a run folder, or a Lightning `.ckpt`.
 
     A run folder resolves to its exported `<run>/vae/` (written at the end of training). A
-    `.ckpt` uses the EMA weights when the run kept them and `prefer_ema` is set.
+    `.ckpt` uses the EMA weights when the run kept them and `prefer_ema` is set; it is loaded
+    weights-only unless `trust` (see `vidgen.utils.checkpoint.load_checkpoint_file`).
     """
     path = find_export(path, "vae")
     if path.is_dir():
         return WanVAE.from_pretrained(path)
-    hp, state = read_module_state(path, "vae", prefer_ema)
+    hp, state = read_module_state(path, "vae", prefer_ema, trust=trust)
     vae = WanVAE(**dict(hp["vae"]))
     vae.load_state_dict(state)
     return vae
@@ -82,7 +83,8 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
     vae: `WanVAE` keyword arguments. loss: weights of `vae_loss` plus LPIPS settings.
     optim: lr, betas, weight_decay, warmup_steps, grad_clip (and disc_lr for stage 3).
     init_from: earlier stage's VAE (folder, run folder or .ckpt); a 2D VAE is inflated
-        into the 3D one, a same-shaped VAE is loaded as is.
+        into the 3D one, a same-shaped VAE is loaded as is. trust_checkpoint: load an
+        init_from .ckpt in full, not weights-only (it may run code: README, Trust).
     ema: {decay, warmup_steps} or None. disc: `Discriminator3D` kwargs or None (no GAN).
     gan: start_step, weight, adaptive_max, reg ("lecam" | "r1" | "none"), reg_weight (LeCam's
         weight, or R1's gamma), lecam_decay; see GAN_DEFAULTS.
@@ -95,6 +97,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         optim: dict,
         init_from: str | None = None,
         require_init_from: bool = False,
+        trust_checkpoint: bool = False,
         ema: dict | None = None,
         disc: dict | None = None,
         gan: dict | None = None,
@@ -150,7 +153,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
     def _init_from(self, path: str) -> None:
         """Load the earlier stage's VAE: inflated when it is 2D (with this stage's temporal
         settings), else as is, where every shape-defining option must match."""
-        src = load_vae(path)
+        src = load_vae(path, trust=self.hparams.trust_checkpoint)
         ours = self.vae.config
         if not src.config["temporal"] and ours["temporal"]:
             try:

@@ -258,14 +258,16 @@ def from_diffusers(src: str | Path, out: str | Path, dtype: torch.dtype | None =
 
 
 def to_diffusers(
-    src: str | Path, out: str | Path, dtype: torch.dtype | None = None, prefer_ema: bool = True
+    src: str | Path, out: str | Path, dtype: torch.dtype | None = None, prefer_ema: bool = True,
+    trust: bool = False,
 ) -> Path:
-    """Convert our VAE (folder, run folder or .ckpt) into a diffusers AutoencoderKLWan folder."""
+    """Convert our VAE (folder, run folder or .ckpt) into a diffusers AutoencoderKLWan folder
+    (a .ckpt is loaded weights-only unless `trust`)."""
     from safetensors.torch import save_file
 
     from vidgen.lit.vae import load_vae
 
-    model = load_vae(src, prefer_ema=prefer_ema)
+    model = load_vae(src, prefer_ema=prefer_ema, trust=trust)
     config = config_to_diffusers(model.config)
     state = {
         k: (v if dtype is None else v.to(dtype)).detach().contiguous().cpu()
@@ -305,12 +307,19 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="--to-diffusers from a .ckpt: export the raw weights, not the EMA ones",
     )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="--to-diffusers from a .ckpt that names code beyond tensors: unpickle it in full, "
+        "which runs that code (only for a file you trust as you would a script)",
+    )
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.from_diffusers:
         from_diffusers(args.from_diffusers, args.out, dtype)
     else:
-        to_diffusers(args.to_diffusers, args.out, dtype, prefer_ema=not args.no_ema)
+        to_diffusers(args.to_diffusers, args.out, dtype, prefer_ema=not args.no_ema,
+                     trust=args.trust_checkpoint)
     print(f"wrote {args.out}")
 
 

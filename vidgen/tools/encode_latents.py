@@ -179,7 +179,7 @@ def run(cfg) -> list[str]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    vae = load_vae(cfg.vae).to(device).eval()
+    vae = load_vae(cfg.vae, trust=cfg.trust_checkpoint).to(device).eval()
     check_not_identity(stats_of(vae), cfg.vae, allow=cfg.allow_identity_latent_stats)
     if cfg.data.buckets is None:
         vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)  # validates

@@ -243,7 +243,7 @@ def run(cfg) -> Path:
             "folder with vae/, so the statistics cannot be written in place: pass out=<folder>"
         )
     device = _device(cfg.device)
-    vae = load_vae(cfg.ckpt).to(device).eval()
+    vae = load_vae(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
     d = cfg.data
     if d.buckets is None:
         vae.latent_shape(d.num_frames, d.height, d.width)  # clear error for invalid clip sizes
