@@ -15,6 +15,7 @@ from vidgen.data.latents import EMPTY_NAME, INFO_NAME, encode_sample
 from vidgen.lit.dit import load_dit
 from vidgen.models.vae import WanVAE
 from vidgen.run import train
+from vidgen.utils.checkpoint import load_checkpoint_file
 from vidgen.utils.rundir import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def test_trains_on_latents_logs_and_exports(tmp_path, setup):
     assert pipeline["vae"] == str(setup / "vae") and pipeline["text_encoder"] == "minilm"
     assert pipeline["flow"]["resolution_shift"] is True and pipeline["ema"] is True
     dit = load_dit(run)
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     ema = ckpt["vidgen"]["ema"]["shadow"]
     for k, v in dit.state_dict().items():  # the export holds the EMA weights
         torch.testing.assert_close(v, ema[k], rtol=0, atol=0)
@@ -129,8 +130,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, setup):
     train(_cfg(full, setup, "demo/dit_stage1", "trainer.max_steps=6", *common))
     train(_cfg(part, setup, "demo/dit_stage1", "trainer.max_steps=3", *common))
     train(_cfg(part, setup, "demo/dit_stage1", "trainer.max_steps=6", "ckpt_path=last", *common))
-    a = torch.load(full / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    a = load_checkpoint_file(full / "checkpoints" / "last.ckpt")
+    b = load_checkpoint_file(part / "checkpoints" / "last.ckpt")
     assert a["global_step"] == b["global_step"] == 6 and b["vidgen"]["steps_done"] == 6
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(v, b["state_dict"][k], rtol=0, atol=0, msg=f"{k} differs after resume")
@@ -209,8 +210,7 @@ def test_vae_stats_were_applied(setup):
 
 
 def _final_state(run_dir):
-    return torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=False)["state_dict"]
+    return load_checkpoint_file(Path(run_dir) / "checkpoints" / "last.ckpt")["state_dict"]
 
 
 def test_activation_checkpointing_trains_identically(tmp_path, setup):

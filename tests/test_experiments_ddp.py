@@ -5,6 +5,7 @@ Each run also poisons one batch on rank 1 with NaN (tests/callbacks.py): the ste
 skipped on both ranks and counted, the run must go on to `trainer.max_steps` optimizer
 steps, and both replicas must end with the same finite weights (and EMA shadows). Stage 3
 runs with the GAN on from step 0, so the discriminator trains under DDP from the start.
+Every checkpoint each run writes must load with `torch.load(weights_only=True)`.
 """
 
 import csv
@@ -58,6 +59,10 @@ def _check_run(proc, run_dir: Path, losses: set[str], export: str) -> list[dict]
         assert p["nonfinite"] == dict.fromkeys(losses, 1), p["nonfinite"]
         assert p["steps_done"] == MAX_STEPS + 1
     assert (run_dir / export / "config.json").is_file()
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert ckpts, "no training checkpoint written"
+    for ckpt in ckpts:  # every checkpoint a run writes is data: it loads weights-only
+        torch.load(ckpt, map_location="cpu", weights_only=True)
     with open(run_dir / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     return rows

@@ -14,6 +14,7 @@ import torch
 from test_latents import _one_thread, cached_text_encoder, encode, make_tiny_vae  # noqa: F401, I001
 
 from vidgen.lit.dit import load_dit
+from vidgen.utils.checkpoint import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def _train(run_dir, latents, *extra, strategy="fsdp2"):
     env = {**os.environ, "VIDGEN_RUN_ID": f"fsdp-{Path(run_dir).name}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return load_checkpoint_file(Path(run_dir) / "checkpoints" / "last.ckpt")
 
 
 def test_fsdp2_two_processes_train_checkpoint_and_export(tmp_path, latents):

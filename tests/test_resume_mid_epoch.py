@@ -23,6 +23,7 @@ from vidgen.data.datamodule import EpochDataLoader, VideoDataModule
 from vidgen.data.latents import EMPTY_NAME, FORMAT, INFO_NAME, LatentDataModule, encode_sample
 from vidgen.data.pipeline import build_video_dataset
 from vidgen.run import train
+from vidgen.utils.checkpoint import load_checkpoint_file
 
 EPOCH_BATCHES = 7  # odd: the two workers' shares differ (4 and 3)
 
@@ -170,7 +171,7 @@ def _resume_at_3_of_6(cfg_fn, full, part, *args):
     """An uninterrupted 6-step run, and one stopped after step 3 (mid-epoch) and resumed."""
     train(cfg_fn(full, *args, "trainer.max_steps=6"))
     train(cfg_fn(part, *args, "trainer.max_steps=3"))
-    ckpt = torch.load(part / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint_file(part / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
     layout = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert [{k: v for k, v in d.items() if k != "seed"} for d in layout] == [

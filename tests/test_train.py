@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from vidgen.run import train
+from vidgen.utils.checkpoint import load_checkpoint_file
 from vidgen.utils.rundir import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +81,7 @@ def test_stage2_without_init_from_is_an_error(tmp_path, synthetic_data):
 
 
 def _weights(run_dir):
-    ckpt = torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
-                      weights_only=False)
+    ckpt = load_checkpoint_file(Path(run_dir) / "checkpoints" / "last.ckpt")
     return ckpt["state_dict"], ckpt
 
 

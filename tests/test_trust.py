@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from test_dit_train import _cfg as dit_cfg, setup  # noqa: F401  (the latents fixture)
+from test_dit_train import _cfg as dit_cfg
+from test_dit_train import setup  # noqa: F401  (the latents fixture)
 from test_latents import cached_text_encoder, compose_tool
 from test_train import _cfg as vae_cfg
 
@@ -18,7 +19,11 @@ from vidgen.lit.dit import load_dit
 from vidgen.lit.vae import load_vae
 from vidgen.run import train
 from vidgen.sample import read_pipeline
-from vidgen.utils.checkpoint import AtomicCheckpointIO, UntrustedCheckpointError, load_checkpoint_file
+from vidgen.utils.checkpoint import (
+    AtomicCheckpointIO,
+    UntrustedCheckpointError,
+    load_checkpoint_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,3 +207,57 @@ def test_the_sample_cli_refuses_a_hostile_checkpoint(tmp_path, own, hostile):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0 and not marker.exists()
     assert "UntrustedCheckpointError" in proc.stderr and "posix.system" in proc.stderr, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- shards are data too
+
+
+def _add_pickles(src_tar: Path, dst_tar: Path, marker: Path) -> int:
+    """Copy a shard, giving every sample `.pth` and `.pickle` members that run code when
+    unpickled (webdataset's default decoders would unpickle them)."""
+    import io
+    import pickle
+    import tarfile
+
+    payload = pickle.dumps(Payload(marker))
+    keys = set()
+    with tarfile.open(src_tar) as src, tarfile.open(dst_tar, "w") as dst:
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member))
+            keys.add(member.name.split(".", 1)[0])
+        for key in sorted(keys):
+            for ext in ("pth", "pickle"):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                dst.addfile(info, io.BytesIO(payload))
+    return len(keys)
+
+
+def test_video_shards_with_pickled_members_train_and_never_unpickle(tmp_path, own):
+    from vidgen.data.pipeline import build_video_dataset
+
+    marker = tmp_path / "payload-ran"
+    src = sorted((own["data"] / "train").glob("*.tar"))[0]
+    n = _add_pickles(src, tmp_path / "hostile.tar", marker)
+    batches = list(build_video_dataset(str(tmp_path / "hostile.tar"), resampled=False, num_frames=5,
+                                       height=32, width=32, batch_size=4))
+    assert sum(len(b["key"]) for b in batches) == n and not marker.exists()
+
+
+def test_latent_shards_with_pickled_members_train_and_never_unpickle(tmp_path, own):
+    import shutil
+
+    from vidgen.data.latents import EMPTY_NAME, INFO_NAME, LatentDataModule
+
+    marker = tmp_path / "payload-ran"
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    for name in (INFO_NAME, EMPTY_NAME):
+        shutil.copy(own["latents"] / "train" / name, folder / name)
+    for src in sorted((own["latents"] / "train").glob("*.tar")):
+        _add_pickles(src, folder / src.name, marker)
+    dm = LatentDataModule(train=dict(shards=str(folder), max_tokens=40, batches_per_epoch=3),
+                          patch_size=(1, 2, 2), seed=0)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3 and all(b["packed"].num_tokens > 0 for b in batches)
+    assert not marker.exists()
