@@ -43,7 +43,7 @@ def _loader(cfg: DictConfig) -> torch.utils.data.DataLoader:
     d = cfg.data
     dataset = build_video_dataset(
         d.shards, mode="video", num_frames=d.num_frames, height=d.height, width=d.width,
-        batch_size=d.batch_size, resampled=False, deterministic=True, seed=cfg.seed,
+        batch_size=d.batch_size, resampled=False, deterministic=True, seed=cfg.seed, shard_retry=d.shard_retry,
     )
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=d.num_workers)
 

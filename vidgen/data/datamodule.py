@@ -43,6 +43,7 @@ from vidgen.data.pipeline import (
     build_video_dataset,
     resolve_buckets,
 )
+from vidgen.data.shard_io import ShardRetry
 from vidgen.data.video import to_model_range
 
 
@@ -142,6 +143,9 @@ class VideoDataModule(L.LightningDataModule):
             through shared memory and to the GPU); "float32" converts in the workers. The
             model sees the same values either way (resized frames differ by the uint8
             rounding of the resize).
+        shard_retry: retries of a shard that fails to open or read, before it is skipped
+            and counted (``vidgen.data.shard_io.ShardRetry`` fields: attempts, backoff,
+            max_backoff, timeout).
     """
 
     def __init__(
@@ -154,8 +158,10 @@ class VideoDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         transfer_dtype: str = "float32",
+        shard_retry: Mapping | None = None,
     ):
         super().__init__()
+        self.shard_retry = ShardRetry.of(to_builtin(shard_retry))
         if transfer_dtype not in BATCH_DTYPES:
             raise ValueError(f"transfer_dtype must be one of {sorted(BATCH_DTYPES)}, got {transfer_dtype!r}")
         self.transfer_dtype = transfer_dtype
@@ -230,7 +236,8 @@ class VideoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Built here, not in __init__, so that torch.distributed is up and the rank known.
-        dataset = build_video_dataset(**self.train_kwargs, dtype=self.transfer_dtype)
+        dataset = build_video_dataset(**self.train_kwargs, dtype=self.transfer_dtype,
+                                      shard_retry=self.shard_retry)
         return self._loader(dataset, self._train_position)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -239,7 +246,7 @@ class VideoDataModule(L.LightningDataModule):
         # Every rank reads the whole validation set: DDP forwards and synced metrics need
         # the same number of batches on all ranks (keep it small; ranks agree on the result).
         dataset = build_video_dataset(**{"resampled": False, "rank": 0, "world_size": 1, **self.val_kwargs},
-                                      dtype=self.transfer_dtype)
+                                      dtype=self.transfer_dtype, shard_retry=self.shard_retry)
         return self._loader(dataset, lambda: (0, 0))
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

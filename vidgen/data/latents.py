@@ -41,7 +41,6 @@ in a resumed run (which replays the same streams). ``buckets`` are the pixel-spa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -56,11 +55,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vidgen.data.buckets import parse_buckets
 from vidgen.data.datamodule import EpochDataLoader, seed_worker, to_builtin, trained_position
+from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreadable_summary
 from vidgen.data.shards import expand_shards
 from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
 from vidgen.models.dit.packing import PackingBuffer
@@ -174,11 +172,13 @@ class LatentShardDataset(ShardStream):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        retry: ShardRetry | None = None,
     ):
         super().__init__(
             shards, resampled=resampled, batches_per_epoch=batches_per_epoch, seed=seed,
             rank=rank, world_size=world_size,
         )
+        self.retry = retry or ShardRetry()
         if not 0.0 <= cfg_dropout <= 1.0:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
         if cfg_dropout > 0 and empty_text is None:
@@ -259,10 +259,10 @@ class LatentShardDataset(ShardStream):
 
     def _samples(self, urls: Iterator[str]) -> Iterator[dict]:
         """Decoded samples {latent [C,t,h,w], context [L,D], key, caption, bucket}."""
-        empty_run = 0
+        empty_run, unreadable = 0, {}
         for url in urls:
             got = 0
-            for raw in self._read_shard(url):
+            for raw in self._read_shard(url, unreadable):
                 key = raw.get("__key__", "?")
                 try:
                     latent, context = decode_sample(raw["safetensors"])
@@ -275,27 +275,32 @@ class LatentShardDataset(ShardStream):
                 got += 1
                 yield dict(latent=latent, context=context, key=key, caption=caption,
                            bucket=str(meta.get("bucket")))
-            empty_run = 0 if got else empty_run + 1
+            if got:
+                empty_run = 0
+                unreadable.clear()
+            else:
+                empty_run += 1
             if self.resampled and empty_run >= _MAX_EMPTY_SHARDS:
                 raise RuntimeError(
                     f"{empty_run} consecutive shard reads gave no usable latent sample "
-                    f"({len(self.shards)} shard(s), e.g. {self.shards[0]})"
+                    f"({len(self.shards)} shard(s), e.g. {self.shards[0]}). {unreadable_summary(unreadable)}"
                 )
 
-    def _read_shard(self, url: str) -> Iterator[dict]:
-        def on_error(exn: Exception) -> bool:
+    def _read_shard(self, url: str, unreadable: dict) -> Iterator[dict]:
+        """Raw samples of one shard (retried as ``self.retry`` says); an unreadable shard
+        is counted, logged and recorded in ``unreadable``."""
+
+        def on_sample_error(exn: Exception) -> bool:
             self._skipped += 1
             log.warning("vidgen.data.latents: %s: %s", url, exn)
-            return False
+            return True
 
         try:
-            stream = gopen(url, "rb")
-        except Exception as exn:  # noqa: BLE001
-            on_error(exn)
-            return
-        with contextlib.closing(stream):
-            files = tar_file_expander([dict(url=url, stream=stream)], handler=on_error)
-            yield from group_by_keys(files, handler=on_error)
+            yield from read_shard(url, self.retry, on_sample_error=on_sample_error)
+        except ShardReadError as exn:
+            self._skipped += 1
+            unreadable[url] = exn
+            log.warning("vidgen.data.latents: skipping %s (unreadable_shard): %s", url, exn)
 
 
 # --------------------------------------------------------------------------------------
@@ -340,7 +345,7 @@ class LatentDataModule(L.LightningDataModule):
             resampled, batches_per_epoch (per rank).
         val: shards, max_tokens, buckets, pack_buffer, min_efficiency; or None.
         patch_size: the DiT's (pt, ph, pw) patch.
-        num_workers, seed, pin_memory, persistent_workers: as in VideoDataModule.
+        num_workers, seed, pin_memory, persistent_workers, shard_retry: as in VideoDataModule.
 
     ``info`` (the latents_info.json: VAE, text encoder) and ``empty_text`` (the [L0, D]
     empty-caption embedding) are read at construction; the DiT module uses them.
@@ -355,8 +360,10 @@ class LatentDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        shard_retry: Mapping | None = None,
     ):
         super().__init__()
+        self.shard_retry = ShardRetry.of(to_builtin(shard_retry))
         self.train_kwargs = self._check(to_builtin(train), _TRAIN_KEYS, "train")
         self.val_kwargs = self._check(to_builtin(val), _VAL_KEYS, "val") if val is not None else None
         if num_workers < 0:
@@ -413,7 +420,7 @@ class LatentDataModule(L.LightningDataModule):
             min_efficiency=k.get("min_efficiency", 0.9), resampled=k.get("resampled", True),
             batches_per_epoch=k.get("batches_per_epoch"), seed=self.seed,
             rank=env_rank if rank is None else rank,
-            world_size=env_world if world_size is None else world_size,
+            world_size=env_world if world_size is None else world_size, retry=self.shard_retry,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -430,7 +437,7 @@ class LatentDataModule(L.LightningDataModule):
             expand_shards(k["shards"]), patch_size=self.patch_size,
             stages=parse_schedule(k["max_tokens"], k.get("buckets"), None), empty_text=None,
             pack_buffer=k.get("pack_buffer", 64), min_efficiency=k.get("min_efficiency", 0.9),
-            resampled=False, seed=self.seed, rank=0, world_size=1,
+            resampled=False, seed=self.seed, rank=0, world_size=1, retry=self.shard_retry,
         )
         return self._loader(dataset, lambda: (0, 0))
 

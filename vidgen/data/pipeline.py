@@ -30,7 +30,6 @@ since its previous batch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -40,8 +39,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
-from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from vidgen.data.buckets import (
     Bucket,
@@ -51,6 +48,7 @@ from vidgen.data.buckets import (
     parse_bucket_weights,
     parse_buckets,
 )
+from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreadable_summary
 from vidgen.data.shards import REQUIRED_META, expand_shards
 from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
 from vidgen.data.video import VideoTooShortError, decode_clip, resize_crop
@@ -109,19 +107,24 @@ class _Health:
     def __init__(self, num_shards: int, counter: _SkipCounter):
         self.num_shards, self.counter = num_shards, counter
         self.failed_urls: set[str] = set()
+        self.unreadable: dict[str, ShardReadError] = {}  # since the last good sample
         self.consecutive = 0
 
     def ok(self) -> None:
         self.failed_urls.clear()
+        self.unreadable.clear()
         self.consecutive = 0
 
-    def fail(self, url: str) -> None:
+    def fail(self, url: str, unreadable: ShardReadError | None = None) -> None:
         self.failed_urls.add(url)
+        if unreadable is not None:
+            self.unreadable[url] = unreadable
         self.consecutive += 1
         if self.consecutive >= _MIN_CONSECUTIVE_FAILURES and len(self.failed_urls) >= self.num_shards:
             raise RuntimeError(
                 f"no usable sample in {self.consecutive} attempts across all "
                 f"{self.num_shards} shards; skip counts so far: {self.counter.counts}. "
+                f"{unreadable_summary(self.unreadable)}"
                 "Check the shards and that num_frames/buckets fit the videos."
             )
 
@@ -160,12 +163,14 @@ class VideoShardDataset(ShardStream):
         rank: int,
         world_size: int,
         dtype: str = "float32",
+        retry: ShardRetry | None = None,
     ):
         super().__init__(
             shards, resampled=resampled, batches_per_epoch=batches_per_epoch, seed=seed,
             rank=rank, world_size=world_size,
         )
         self.dtype = BATCH_DTYPES[dtype]
+        self.retry = retry or ShardRetry()
         self.mode = mode
         self.buckets = buckets
         self.bucket_weights = bucket_weights  # None: finite pass, assign_bucket
@@ -191,6 +196,8 @@ class VideoShardDataset(ShardStream):
         if not self.deterministic and self.shuffle_buffer > 1:
             samples = shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
         batches = self._batches(samples, counter, health, np.random.default_rng(frame_ss))
+        if not self.resampled:
+            batches = _with_trailing_skips(batches, counter)
 
         emitted = 0
         for batch in batches:
@@ -217,34 +224,19 @@ class VideoShardDataset(ShardStream):
                     health.fail(url)
 
     def _read_shard(self, url: str, counter: _SkipCounter, health: _Health | None) -> Iterator[dict]:
-        """Raw samples ``{__key__, mp4, txt, json}`` of one shard; errors are counted."""
-        shard_errors: list[Exception] = []
-
-        def on_shard_error(exn: Exception) -> bool:
-            shard_errors.append(exn)
-            return False  # a broken tar stream cannot be resynchronised: end this shard
+        """Raw samples ``{__key__, mp4, txt, json}`` of one shard (retried as ``self.retry``
+        says); a shard that stays unreadable is counted once and skipped."""
 
         def on_sample_error(exn: Exception) -> bool:
             counter.add("bad_sample", url, exn)
             return True  # keep the rest of the shard
 
         try:
-            stream = gopen(url, "rb")
-        except Exception as exn:  # noqa: BLE001 - any open failure is the same skip
+            yield from read_shard(url, self.retry, on_sample_error=on_sample_error)
+        except ShardReadError as exn:
             counter.add("unreadable_shard", url, exn)
             if health is not None:
-                health.fail(url)
-            return
-        with contextlib.closing(stream):
-            files = tar_file_expander([dict(url=url, stream=stream)], handler=on_shard_error)
-            n = 0
-            for raw in group_by_keys(files, handler=on_sample_error):
-                n += 1
-                yield raw
-        if shard_errors:
-            counter.add("unreadable_shard", url, f"tar stream broken after {n} sample(s): {shard_errors[0]}")
-            if health is not None:
-                health.fail(url)
+                health.fail(url, unreadable=exn)
 
     def _validate(self, raw: dict, url: str, counter: _SkipCounter, rng: np.random.Generator) -> _Sample | None:
         """Check members and metadata, pick the bucket (no decoding; ``rng`` draws it)."""
@@ -343,6 +335,23 @@ class VideoShardDataset(ShardStream):
                 yield pending[bucket].collate(counter)
 
 
+def _with_trailing_skips(batches: Iterator[dict], counter: _SkipCounter) -> Iterator[dict]:
+    """A finite pass's batches, the last one held back so that skips seen after it (a bad
+    final shard) are reported on it instead of being lost."""
+    held = None
+    for batch in batches:
+        if held is not None:
+            yield held
+        held = batch
+    if held is None:
+        return
+    late = counter.take()
+    if any(late.values()):
+        held["skipped"] = {k: held["skipped"][k] + late[k] for k in late}
+        held["num_skipped"] = held["num_skipped"] + sum(late.values())
+    yield held
+
+
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor; in a loader worker it lives in shared memory (as in
     torch's default_collate), so handing the batch to the main process copies nothing.
@@ -430,6 +439,7 @@ def build_video_dataset(
     rank: int | None = None,
     world_size: int | None = None,
     dtype: str = "float32",
+    shard_retry: ShardRetry | dict | None = None,
 ) -> VideoShardDataset:
     """Build the bucketed video stream (see the module docstring and VideoShardDataset).
 
@@ -458,6 +468,9 @@ def build_video_dataset(
         dtype: "float32" (clips in [-1, 1]) or "uint8" (pixels 0..255: a quarter of the
             bytes between worker and trainer; ``vidgen.data.video.to_model_range`` converts
             on the device, as ``VideoDataModule`` does after the batch transfer).
+        shard_retry: how often and how patiently a shard that fails to open or read is
+            tried again before it is skipped (``vidgen.data.shard_io.ShardRetry`` or a dict
+            of its fields; None: its defaults).
     """
     if dtype not in BATCH_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(BATCH_DTYPES)}, got {dtype!r}")
@@ -511,4 +524,5 @@ def build_video_dataset(
         rank=rank,
         world_size=world_size,
         dtype=dtype,
+        retry=ShardRetry.of(shard_retry),
     )

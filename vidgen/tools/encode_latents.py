@@ -129,7 +129,7 @@ def encode_shard(
                 [shard], mode="video", num_frames=data.num_frames, height=data.height,
                 width=data.width, buckets=bucket_set, frame_stride=data.frame_stride,
                 target_fps=data.target_fps, batch_size=data.batch_size, resampled=False,
-                deterministic=True, seed=0, rank=0, world_size=1,
+                deterministic=True, seed=0, rank=0, world_size=1, shard_retry=data.shard_retry,
             )
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=data.num_workers

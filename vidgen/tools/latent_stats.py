@@ -250,7 +250,7 @@ def run(cfg) -> Path:
     dataset = build_video_dataset(
         d.shards, mode="video", num_frames=d.num_frames, height=d.height, width=d.width,
         buckets=d.buckets, batch_size=d.batch_size, resampled=False, deterministic=True,
-        seed=0, rank=0, world_size=1,
+        seed=0, rank=0, world_size=1, shard_retry=d.shard_retry,
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=d.num_workers)
     stats = compute_latent_stats(

@@ -1,0 +1,167 @@
+"""Reading the samples of one shard, local or remote, with retries.
+
+A shard is named by a path, a ``file://`` / ``http(s)://`` URL, or a ``pipe:`` command
+whose stdout is the tar (``pipe:aws s3 cp s3://bucket/x.tar -``); other schemes go to
+webdataset's ``gopen`` (``gs://`` through gsutil, ``hf://``, ...). HTTP is read with
+urllib, so a server error, a timeout and a connection dropped halfway through the tar are
+Python exceptions with the URL in them, not a curl exit code.
+
+``read_shard`` yields the raw samples (``{"__key__", "__url__", ext: bytes}``; nothing is
+decoded or unpickled here). When opening or reading fails, the shard is opened again after
+a backoff (``ShardRetry``) and the samples already yielded are read past, not yielded
+again, so a retried shard gives exactly the samples of an unbroken read. When the last
+attempt fails it raises ``ShardReadError``; the datasets count that shard as
+``unreadable_shard`` and go on with the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
+
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardRetry:
+    """How hard to try a shard before skipping it (``data.shard_retry`` in the configs).
+
+    Args:
+        attempts: tries in all (1 = no retry).
+        backoff: seconds before the first retry; doubled for each later one.
+        max_backoff: cap on one wait, seconds.
+        timeout: seconds an HTTP connect or read may wait for data before it fails.
+    """
+
+    attempts: int = 4
+    backoff: float = 1.0
+    max_backoff: float = 30.0
+    timeout: float = 60.0
+
+    def __post_init__(self):
+        if self.attempts < 1:
+            raise ValueError(f"shard_retry.attempts must be >= 1, got {self.attempts}")
+        if self.backoff < 0 or self.max_backoff < 0 or self.timeout <= 0:
+            raise ValueError(
+                f"shard_retry needs backoff >= 0, max_backoff >= 0 and timeout > 0, got {asdict(self)}"
+            )
+
+    @classmethod
+    def of(cls, value: ShardRetry | Mapping | None) -> ShardRetry:
+        """A ShardRetry from itself, a dict of its fields (an unknown key is an error), or None."""
+        if value is None or isinstance(value, ShardRetry):
+            return value or cls()
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - valid)
+        if unknown:
+            raise ValueError(f"shard_retry: unknown key(s) {unknown}; valid keys are {sorted(valid)}")
+        return cls(**value)
+
+    def delay(self, failed_attempt: int) -> float:
+        """Seconds to wait after attempt ``failed_attempt`` (1-based) failed."""
+        return min(self.backoff * 2 ** (failed_attempt - 1), self.max_backoff)
+
+
+class ShardReadError(OSError):
+    """A shard that could not be read in ``attempts`` tries; ``samples`` were read before."""
+
+    def __init__(self, url: str, attempts: int, samples: int, cause: BaseException):
+        self.url, self.attempts, self.samples, self.cause = url, attempts, samples, cause
+        where = "opening it" if samples == 0 else f"after {samples} sample(s)"
+        super().__init__(
+            f"{url}: unreadable in {attempts} attempt(s), failing {where}: {type(cause).__name__}: {cause}"
+        )
+
+
+def open_shard(url: str, timeout: float):
+    """A binary stream of the shard's bytes (see the module docstring for the schemes)."""
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - the scheme is checked
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if url.startswith("pipe:") or "://" in url:
+        return gopen(url, "rb")
+    return open(os.path.expanduser(url), "rb")
+
+
+def _close(stream, *, quietly: bool) -> None:
+    """Close ``stream``; a ``pipe:`` command's exit status is checked here, unless the read
+    was abandoned or already failed (``quietly``: the command is killed first)."""
+    if not quietly:
+        stream.close()
+        return
+    proc = getattr(stream, "proc", None)
+    if proc is not None:
+        with contextlib.suppress(OSError):
+            proc.kill()
+    with contextlib.suppress(Exception):
+        stream.close()
+
+
+def _one_attempt(url: str, timeout: float, skip: int, on_sample_error: Callable) -> Iterator[dict]:
+    """One read of the shard from its start, yielding samples ``skip, skip + 1, ...``."""
+    stream = open_shard(url, timeout)
+    finished = False
+    grouped = 0  # samples grouped so far in this read; errors before ``skip`` were seen already
+
+    def sample_error(exn: Exception) -> bool:
+        return True if grouped < skip else on_sample_error(exn)
+
+    try:
+        files = tar_file_expander([dict(url=url, stream=stream)])  # a broken stream raises
+        for raw in group_by_keys(files, handler=sample_error):
+            grouped += 1
+            if grouped > skip:
+                yield raw
+        finished = True
+    finally:
+        _close(stream, quietly=not finished)
+
+
+def read_shard(
+    url: str,
+    retry: ShardRetry | None = None,
+    *,
+    on_sample_error: Callable[[Exception], bool] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[dict]:
+    """The raw samples of one shard, retried as ``retry`` says; raises ShardReadError.
+
+    ``on_sample_error(exn)`` sees malformed samples (e.g. duplicate member names) and
+    returns True to go on with the shard (the default); a retry does not report the
+    samples it reads past again.
+    """
+    retry = retry or ShardRetry()
+    on_sample_error = on_sample_error or (lambda exn: True)
+    done = 0
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            for raw in _one_attempt(url, retry.timeout, done, on_sample_error):
+                yield raw
+                done += 1
+            return
+        except Exception as exn:  # noqa: BLE001 - any failure of the transfer or the tar
+            if attempt == retry.attempts:
+                raise ShardReadError(url, attempt, done, exn) from exn
+            wait = retry.delay(attempt)
+            log.warning("vidgen.data: %s failed after %d sample(s) (%s: %s); attempt %d of %d in %.1f s",
+                        url, done, type(exn).__name__, exn, attempt + 1, retry.attempts, wait)
+            sleep(wait)
+
+
+def unreadable_summary(errors: dict[str, Exception], shown: int = 5) -> str:
+    """'N shard(s) could not be read: url (error); ...' for an error message, or ''."""
+    if not errors:
+        return ""
+    items = [f"{url} ({err.cause if isinstance(err, ShardReadError) else err})"
+             for url, err in list(errors.items())[:shown]]
+    more = f" (+{len(errors) - shown} more)" if len(errors) > shown else ""
+    return f"{len(errors)} shard(s) could not be read: {'; '.join(items)}{more}. "
