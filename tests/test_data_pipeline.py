@@ -153,13 +153,17 @@ def test_missing_members_and_bad_meta(tmp_path):
         ("nocap", g[1], None, g[3]),
         ("emptycap", g[1], "   ", g[3]),
         ("novideo", None, "c", g[3]),
-        ("nometa", g[1], "c", None),
-        ("badmeta", g[1], "c", {"num_frames": 12}),
+        ("notobject", g[1], "c", "a JSON string"),
+        ("badmeta", g[1], "c", {**g[3], "fps": 0}),
+        ("nometa", g[1], "c", None),  # no facts: read from the video itself, and counted
+        ("partial", g[1], "c", {"num_frames": 12}),
         g,
     ])
-    _, keys, skipped = collect(build_video_dataset(str(shard), resampled=False, num_frames=4,
-                                                   height=32, width=32, batch_size=1))
-    assert keys == ["ok"]
+    batches, keys, skipped = collect(build_video_dataset(str(shard), resampled=False, num_frames=4,
+                                                         height=32, width=32, batch_size=1))
+    assert keys == ["nometa", "partial", "ok"]
+    assert sum(b["counts"].get("probed_meta", 0) for b in batches) == 2
+    assert batches[0]["meta"][0]["num_frames"] == g[3]["num_frames"]
     assert skipped["no_caption"] == 2 and skipped["missing_video"] == 1 and skipped["bad_meta"] == 2
 
 

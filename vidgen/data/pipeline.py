@@ -48,8 +48,9 @@ from vidgen.data.buckets import (
     parse_bucket_weights,
     parse_buckets,
 )
+from vidgen.data.metadata import BadMetadata, stream_facts
 from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreadable_summary
-from vidgen.data.shards import REQUIRED_META, expand_shards
+from vidgen.data.shards import expand_shards
 from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
 from vidgen.data.video import VideoTooShortError, decode_clip, resize_crop
 
@@ -60,7 +61,7 @@ SKIP_REASONS = (
     "bad_sample",  # malformed tar members (e.g. duplicate names)
     "missing_video",  # no {key}.mp4
     "no_caption",  # no {key}.txt, or an empty one
-    "bad_meta",  # {key}.json missing, not JSON, or lacking num_frames/fps/height/width
+    "bad_meta",  # {key}.json not a JSON object, or invalid num_frames/fps/height/width
     "too_short",  # fits no bucket at the requested frame spacing
     "aspect_mismatch",  # long enough for a bucket, but none within max_aspect_distortion
     "decode_error",  # decord could not decode the chosen frames
@@ -88,13 +89,21 @@ class _SkipCounter:
     """Per-reason skip counts since the last batch was emitted."""
 
     counts: dict = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    notes: dict = field(default_factory=dict)  # events that cost time but skip nothing
 
     def add(self, reason: str, where: str, detail: object) -> None:
         self.counts[reason] += 1
         log.warning("vidgen.data: skipping %s (%s): %s", where, reason, detail)
 
+    def note(self, event: str) -> None:
+        self.notes[event] = self.notes.get(event, 0) + 1
+
     def take(self) -> dict:
         taken, self.counts = self.counts, dict.fromkeys(SKIP_REASONS, 0)
+        return taken
+
+    def take_notes(self) -> dict:
+        taken, self.notes = self.notes, {}
         return taken
 
 
@@ -142,6 +151,8 @@ class VideoShardDataset(ShardStream):
         meta:        list[dict]  shard JSON + frame_indices, bucket ("FxHxW"), shard url
         num_skipped: int64 scalar tensor, samples this worker skipped since its last batch
         skipped:     dict[reason, int], the same broken down by SKIP_REASONS
+        counts:      dict[event, int], costly events since its last batch that skipped
+                     nothing (``probed_meta``: a video opened to read its metadata)
     """
 
     def __init__(
@@ -254,14 +265,15 @@ class VideoShardDataset(ShardStream):
             counter.add("no_caption", where, "missing or empty .txt")
             return None
         try:
-            meta = json.loads(raw["json"])
-            if not isinstance(meta, dict) or any(k not in meta for k in REQUIRED_META):
-                raise ValueError(f"need keys {list(REQUIRED_META)}")
-            if not (meta["num_frames"] > 0 and meta["fps"] > 0 and meta["height"] > 0 and meta["width"] > 0):
-                raise ValueError("num_frames, fps, height, width must be > 0")
-        except (KeyError, ValueError, TypeError) as exn:
+            meta, source = stream_facts(json.loads(raw["json"]) if "json" in raw else {}, raw["mp4"])
+        except (BadMetadata, ValueError, TypeError) as exn:  # JSONDecodeError is a ValueError
             counter.add("bad_meta", where, exn)
             return None
+        except RuntimeError as exn:  # no facts in the shard, and decord cannot open the video
+            counter.add("decode_error", where, f"probing the video for its metadata: {exn}")
+            return None
+        if source == "probed":
+            counter.note("probed_meta")
         stride, max_distortion = self._stride(meta), self.max_aspect_distortion
         if self.bucket_weights is None:
             bucket = assign_bucket(meta, self.buckets, stride, max_distortion)
@@ -345,10 +357,10 @@ def _with_trailing_skips(batches: Iterator[dict], counter: _SkipCounter) -> Iter
         held = batch
     if held is None:
         return
-    late = counter.take()
-    if any(late.values()):
-        held["skipped"] = {k: held["skipped"][k] + late[k] for k in late}
-        held["num_skipped"] = held["num_skipped"] + sum(late.values())
+    late, notes = counter.take(), counter.take_notes()
+    held["skipped"] = {k: held["skipped"][k] + late[k] for k in late}
+    held["num_skipped"] = held["num_skipped"] + sum(late.values())
+    held["counts"] = {k: held["counts"].get(k, 0) + notes.get(k, 0) for k in {*held["counts"], *notes}}
     yield held
 
 
@@ -387,6 +399,7 @@ class _Group:
             ],
             num_skipped=torch.tensor(sum(skipped.values()), dtype=torch.int64),
             skipped=skipped,
+            counts=counter.take_notes(),
         )
 
 

@@ -57,7 +57,7 @@ from vidgen.utils.checkpoint import find_export, read_module_state
 from vidgen.utils.config import checked_options
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard
-from vidgen.utils.logging import log_video_grid
+from vidgen.utils.logging import add_data_counts, log_video_grid
 
 
 def build_dit(size: str | None, dit: dict) -> WanDiT:
@@ -188,6 +188,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         self._pending_ema: dict | None = None
         self.steps_done = 0
         self.skipped_samples = 0
+        self.data_counts: dict[str, int] = {}  # loader counters (probed_meta, per-source samples)
         self._frozen: dict[str, Any] = {}  # frozen VAE / text encoder: kept out of the state dict
         self._empty_text: torch.Tensor | None = None
         self._pipeline: dict = {}
@@ -365,6 +366,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         packs = self._packs(batch, train=True)
         self.skipped_samples += int(batch.get("num_skipped", 0))
+        data_logs = add_data_counts(self.data_counts, batch)
         gen = self._generator(self.steps_done, 1)
         total = sum(p.num_samples for p in packs)
         loss = sum(self._pack_loss(p, gen) * p.num_samples for p in packs) / total
@@ -396,6 +398,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         self.log("train/stage", float(batch.get("stage", 0)), **log)
         self.log("train/nonfinite", float(self.guard.total_nonfinite), **log)
         self.log("data/skipped", float(self.skipped_samples), **log)
+        self.log_dict(data_logs, **log)
         self.log("lr", opt.param_groups[0]["lr"], **log)
 
     # ---------------------------------------------------------------- validation
@@ -474,6 +477,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             "guard": self.guard.state_dict(),
             "steps_done": self.steps_done,
             "skipped_samples": self.skipped_samples,
+            "data_counts": dict(self.data_counts),
             "pipeline": self._pipeline,
         }
 
@@ -488,6 +492,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             self.guard.load_state_dict(extra["guard"])
         self.steps_done = extra.get("steps_done", 0)
         self.skipped_samples = extra.get("skipped_samples", 0)
+        self.data_counts = dict(extra.get("data_counts", {}))
 
     def on_train_end(self) -> None:
         """Export ``<run_dir>/dit/`` (EMA weights when kept) and ``pipeline.json``."""

@@ -39,7 +39,7 @@ from vidgen.utils.config import checked_options
 from vidgen.utils.distributed import average_grads_, broadcast_
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard, grads_finite_flag
-from vidgen.utils.logging import log_video_grid
+from vidgen.utils.logging import add_data_counts, log_video_grid
 
 # model.gan: every key, with its default. adaptive_max is in the units of the summed loss
 # (taming-transformers / Wan: L1 and KL summed per clip), see VAEModule.training_step.
@@ -147,6 +147,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         self.noise = torch.Generator()
         self.noise.manual_seed(seed)
         self.skipped_samples = 0
+        self.data_counts: dict[str, int] = {}  # loader counters (probed_meta, per-source samples)
         self.steps_done = 0
         self.seen_keys: list[str] = []  # with audit_data: sample keys this rank trained on
 
@@ -232,6 +233,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["video"]
         self.skipped_samples += int(batch.get("num_skipped", 0))
+        data_logs = add_data_counts(self.data_counts, batch)
         if self.hparams.audit_data:
             self.seen_keys.extend(batch["key"])
         opts = self.optimizers()
@@ -293,6 +295,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"})
         self.log("train/loss", total.detach(), prog_bar=True)
         self.log("data/skipped", float(self.skipped_samples))
+        self.log_dict(data_logs)
         self.log("lr", opt_g.param_groups[0]["lr"])
         seen = sum(self.bucket_counts.values())
         self.log_dict({f"data/bucket_share/{b}": n / seen for b, n in self.bucket_counts.items()})
@@ -325,6 +328,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
             "guard": self.guard.state_dict(),
             "noise": self.noise.get_state(),
             "skipped_samples": self.skipped_samples,
+            "data_counts": dict(self.data_counts),
             "steps_done": self.steps_done,
             "bucket_counts": dict(self.bucket_counts),
         }
@@ -360,6 +364,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         if "noise" in extra:
             self.noise.set_state(extra["noise"])
         self.skipped_samples = extra.get("skipped_samples", 0)
+        self.data_counts = dict(extra.get("data_counts", {}))
         self.steps_done = extra.get("steps_done", 0)
         self.bucket_counts = dict(extra.get("bucket_counts", {}))
 

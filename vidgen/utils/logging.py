@@ -1,4 +1,5 @@
-"""Video grids for humans: saved as PNG in the run folder and sent to the active loggers."""
+"""Video grids for humans (saved as PNG in the run folder and sent to the active loggers),
+and the running data counters the training modules log."""
 
 from __future__ import annotations
 
@@ -46,3 +47,11 @@ def log_video_grid(trainer, name: str, real: torch.Tensor, other: torch.Tensor, 
         elif kind == "WandbLogger":
             logger.log_image(key=name, images=[grid], step=step)
     return out
+
+
+def add_data_counts(totals: dict[str, int], batch: dict) -> dict[str, float]:
+    """Add a batch's loader counters (``batch["counts"]``: e.g. ``probed_meta``,
+    ``source/<name>/samples``) into ``totals``; -> the ``data/<counter>`` values to log."""
+    for key, n in (batch.get("counts") or {}).items():
+        totals[key] = totals.get(key, 0) + int(n)
+    return {f"data/{key}": float(n) for key, n in totals.items()}
