@@ -44,6 +44,7 @@ from vidgen.data.pipeline import (
     resolve_buckets,
 )
 from vidgen.data.shard_io import ShardRetry
+from vidgen.data.sources import parse_sources
 from vidgen.data.video import to_model_range
 
 
@@ -131,7 +132,8 @@ class VideoDataModule(L.LightningDataModule):
     """Train / val loaders over video shards.
 
     Args:
-        train: kwargs for ``build_video_dataset`` (must include ``shards``).
+        train: kwargs for ``build_video_dataset`` (``shards``, or ``sources`` for a weighted
+            mixture ``[{name, shards, weight}]``).
         val: the same for validation (``resampled`` defaults to False), or None.
         batch_size: clips per batch (set here, not inside ``train`` / ``val``).
         num_workers: loader worker processes per rank (decoding happens there).
@@ -181,8 +183,11 @@ class VideoDataModule(L.LightningDataModule):
 
     @staticmethod
     def _check_kwargs(kwargs: dict, name: str, batch_size: int, seed: int) -> dict:
-        if not isinstance(kwargs, dict) or "shards" not in kwargs:
-            raise ValueError(f"VideoDataModule({name}=...) needs a dict with 'shards', got {kwargs!r}")
+        if not isinstance(kwargs, dict) or kwargs.get("shards") is None and kwargs.get("sources") is None:
+            raise ValueError(f"VideoDataModule({name}=...) needs a dict with 'shards' (or, for training, "
+                             f"'sources'), got {kwargs!r}")
+        if kwargs.get("sources") is not None:  # bad weights or patterns fail here, at construction
+            parse_sources(kwargs["sources"], kwargs.get("shards"), where=f"data.{name}")
         if "dtype" in kwargs:
             raise ValueError(f"set the batch dtype with VideoDataModule(transfer_dtype=...), not {name}.dtype")
         for key, value in (("batch_size", batch_size), ("seed", seed)):

@@ -60,6 +60,7 @@ from vidgen.data.buckets import parse_buckets
 from vidgen.data.datamodule import EpochDataLoader, seed_worker, to_builtin, trained_position
 from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreadable_summary
 from vidgen.data.shards import expand_shards
+from vidgen.data.sources import Source, mix, parse_sources
 from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
 from vidgen.models.dit.packing import PackingBuffer
 
@@ -173,10 +174,11 @@ class LatentShardDataset(ShardStream):
         rank: int = 0,
         world_size: int = 1,
         retry: ShardRetry | None = None,
+        sources: list[Source] | None = None,
     ):
         super().__init__(
             shards, resampled=resampled, batches_per_epoch=batches_per_epoch, seed=seed,
-            rank=rank, world_size=world_size,
+            rank=rank, world_size=world_size, sources=sources,
         )
         self.retry = retry or ShardRetry()
         if not 0.0 <= cfg_dropout <= 1.0:
@@ -190,9 +192,15 @@ class LatentShardDataset(ShardStream):
         self.shuffle_buffer, self.pack_buffer, self.min_efficiency = shuffle_buffer, pack_buffer, min_efficiency
 
     def epoch_stream(self, *, worker: int, num_workers: int, epoch: int) -> Iterator[dict]:
-        shard_ss, shuffle_ss, drop_ss, pack_ss = self.stream_seeds(worker, epoch, 4)
+        shard_ss, shuffle_ss, drop_ss, pack_ss, source_ss = self.stream_seeds(worker, epoch, 5)
         self._skipped = 0
-        samples = self._samples(self.stream_urls(shard_ss, worker, num_workers))
+        if self.sources is None:
+            samples = self._samples(self.stream_urls(shard_ss, worker, num_workers))
+        else:  # a weighted mixture: one endless shard stream per source
+            streams = [self._samples(self.source_urls(ss, src), src.name)
+                       for src, ss in zip(self.sources, self.source_seeds(shard_ss))]
+            samples = (s for _, s in mix(streams, [src.weight for src in self.sources],
+                                         np.random.default_rng(source_ss)))
         if self.resampled and self.shuffle_buffer > 1:
             samples = shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
         if self.cfg_dropout > 0:
@@ -226,7 +234,12 @@ class LatentShardDataset(ShardStream):
         )
         for packed in buffer:
             skipped, self._skipped = self._skipped, 0
-            yield dict(packed=packed, stage=0, num_skipped=torch.tensor(skipped))
+            counts: dict[str, int] = {}
+            for m in packed.meta:
+                if m.get("source") is not None:
+                    key = f"source/{m['source']}/samples"
+                    counts[key] = counts.get(key, 0) + 1
+            yield dict(packed=packed, stage=0, num_skipped=torch.tensor(skipped), counts=counts)
         if not final:
             raise RuntimeError("the latent stream ended although it is resampled")
 
@@ -257,8 +270,8 @@ class LatentShardDataset(ShardStream):
                 s = dict(s, context=self.empty_text, dropped=True)
             yield s
 
-    def _samples(self, urls: Iterator[str]) -> Iterator[dict]:
-        """Decoded samples {latent [C,t,h,w], context [L,D], key, caption, bucket}."""
+    def _samples(self, urls: Iterator[str], source: str | None = None) -> Iterator[dict]:
+        """Decoded samples {latent [C,t,h,w], context [L,D], key, caption, bucket, source}."""
         empty_run, unreadable = 0, {}
         for url in urls:
             got = 0
@@ -274,15 +287,16 @@ class LatentShardDataset(ShardStream):
                     continue
                 got += 1
                 yield dict(latent=latent, context=context, key=key, caption=caption,
-                           bucket=str(meta.get("bucket")))
+                           bucket=str(meta.get("bucket")), source=source)
             if got:
                 empty_run = 0
                 unreadable.clear()
             else:
                 empty_run += 1
             if self.resampled and empty_run >= _MAX_EMPTY_SHARDS:
+                of = f" of source {source!r}" if source else ""
                 raise RuntimeError(
-                    f"{empty_run} consecutive shard reads gave no usable latent sample "
+                    f"{empty_run} consecutive shard reads{of} gave no usable latent sample "
                     f"({len(self.shards)} shard(s), e.g. {self.shards[0]}). {unreadable_summary(unreadable)}"
                 )
 
@@ -330,7 +344,7 @@ def read_latents_info(shards: Sequence[str]) -> dict:
     return infos[0]
 
 
-_TRAIN_KEYS = {"shards", "max_tokens", "buckets", "schedule", "cfg_dropout", "shuffle_buffer",
+_TRAIN_KEYS = {"shards", "sources", "max_tokens", "buckets", "schedule", "cfg_dropout", "shuffle_buffer",
                "pack_buffer", "min_efficiency", "resampled", "batches_per_epoch"}
 _VAL_KEYS = {"shards", "max_tokens", "buckets", "pack_buffer", "min_efficiency"}
 
@@ -372,7 +386,10 @@ class LatentDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self._passes = 0
-        self.train_shards = expand_shards(self.train_kwargs["shards"])
+        k = self.train_kwargs
+        self.train_sources = parse_sources(k["sources"], k.get("shards"), "data.train") if k.get("sources") else None
+        self.train_shards = ([u for src in self.train_sources for u in src.shards] if self.train_sources
+                             else expand_shards(k["shards"]))
         self.info = read_latents_info(self.train_shards)
         self.empty_text = load_empty_caption(self.info["folder"])
         self.stages = parse_schedule(
@@ -382,8 +399,10 @@ class LatentDataModule(L.LightningDataModule):
 
     @staticmethod
     def _check(kwargs, valid: set, name: str) -> dict:
-        if not isinstance(kwargs, dict) or "shards" not in kwargs or "max_tokens" not in kwargs:
-            raise ValueError(f"LatentDataModule({name}=...) needs a dict with 'shards' and 'max_tokens'")
+        if (not isinstance(kwargs, dict) or "max_tokens" not in kwargs
+                or kwargs.get("shards") is None and kwargs.get("sources") is None):
+            raise ValueError(f"LatentDataModule({name}=...) needs a dict with 'shards' (or, for training, "
+                             "'sources') and 'max_tokens'")
         unknown = sorted(set(kwargs) - valid)
         if unknown:
             raise ValueError(f"LatentDataModule({name}=...): unknown keys {unknown}; valid: {sorted(valid)}")
@@ -421,6 +440,7 @@ class LatentDataModule(L.LightningDataModule):
             batches_per_epoch=k.get("batches_per_epoch"), seed=self.seed,
             rank=env_rank if rank is None else rank,
             world_size=env_world if world_size is None else world_size, retry=self.shard_retry,
+            sources=self.train_sources,
         )
 
     def train_dataloader(self) -> DataLoader:

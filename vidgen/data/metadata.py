@@ -12,6 +12,10 @@ written by video2dataset do not: its ``{key}.json`` has ``url``, ``key``, ``stat
    fps), the stream's ``duration`` (else the format's) (``"ffprobe"``);
 3. the video itself, opened with decord and its first frame decoded (``"probed"``; the
    loader counts these as ``probed_meta``, since each costs a video open in the worker).
+
+Images (img2dataset's ``{key}.jpg|png|webp`` with ``width`` / ``height`` in its JSON) get
+``image_facts``: the size from the JSON, else from the image header (``"probed"``), and
+``num_frames = 1``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from vidgen.data.video import probe_video
+from vidgen.data.video import probe_image, probe_video
 
 FACTS = ("num_frames", "fps", "height", "width")
+IMAGE_FACTS = ("height", "width")
 
 
 class BadMetadata(ValueError):
@@ -83,3 +88,17 @@ def stream_facts(meta: dict, video: bytes) -> tuple[dict, str]:
                           f"{ {k: meta.get(k) for k in FACTS} }")
     meta.setdefault("duration", meta["num_frames"] / meta["fps"])
     return meta, source
+
+
+def image_facts(meta: dict, image: bytes) -> tuple[dict, str]:
+    """(``meta`` with height, width, num_frames = 1 and image = True, where the size came
+    from: "shard" or "probed"). Raises BadMetadata for a size that is present but invalid,
+    and what ``probe_image`` raises for bytes that are no image."""
+    if not isinstance(meta, dict):
+        raise BadMetadata(f"the .json is a {type(meta).__name__}, not an object")
+    source = "shard"
+    if any(meta.get(k) is None for k in IMAGE_FACTS):
+        meta, source = {**meta, **probe_image(image)}, "probed"
+    if not all(isinstance(meta[k], int) and not isinstance(meta[k], bool) and meta[k] > 0 for k in IMAGE_FACTS):
+        raise BadMetadata(f"height, width must be ints > 0, got { {k: meta.get(k) for k in IMAGE_FACTS} }")
+    return {**meta, "num_frames": 1, "image": True}, source

@@ -48,24 +48,28 @@ from vidgen.data.buckets import (
     parse_bucket_weights,
     parse_buckets,
 )
-from vidgen.data.metadata import BadMetadata, stream_facts
+from vidgen.data.metadata import BadMetadata, image_facts, stream_facts
 from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreadable_summary
 from vidgen.data.shards import expand_shards
+from vidgen.data.sources import Source, mix, parse_sources
 from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
-from vidgen.data.video import VideoTooShortError, decode_clip, resize_crop
+from vidgen.data.video import IMAGE_EXTS, VideoTooShortError, decode_clip, decode_image, resize_crop
 
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = (
     "unreadable_shard",  # shard could not be opened or its tar stream broke (counts 1 per shard)
     "bad_sample",  # malformed tar members (e.g. duplicate names)
-    "missing_video",  # no {key}.mp4
+    "missing_video",  # no video member ({key}.mp4, .webm, ...) and no image (.jpg, .png, .webp)
     "no_caption",  # no {key}.txt, or an empty one
     "bad_meta",  # {key}.json not a JSON object, or invalid num_frames/fps/height/width
-    "too_short",  # fits no bucket at the requested frame spacing
+    "too_short",  # fits no bucket at the requested frame spacing (an image: no 1-frame bucket)
+    "too_small",  # an image smaller than every 1-frame bucket (images are never upscaled)
     "aspect_mismatch",  # long enough for a bucket, but none within max_aspect_distortion
     "decode_error",  # decord could not decode the chosen frames
 )
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")  # shard members decoded as video (decord)
 
 BATCH_DTYPES = {"float32": torch.float32, "uint8": torch.uint8}
 
@@ -78,10 +82,12 @@ _MIN_CONSECUTIVE_FAILURES = 200
 class _Sample:
     key: str
     url: str
-    mp4: bytes
+    media: bytes  # the encoded video, or image when meta["image"]
     caption: str
     meta: dict
     bucket: Bucket
+    source: str | None = None  # its source's name, in a mixture
+    health: _Health | None = None  # the health check of the sample's source stream
 
 
 @dataclass
@@ -113,8 +119,8 @@ class _Health:
     once since the last good sample (so one rare good shard is never mistaken for none).
     """
 
-    def __init__(self, num_shards: int, counter: _SkipCounter):
-        self.num_shards, self.counter = num_shards, counter
+    def __init__(self, num_shards: int, counter: _SkipCounter, source: str | None = None):
+        self.num_shards, self.counter, self.source = num_shards, counter, source
         self.failed_urls: set[str] = set()
         self.unreadable: dict[str, ShardReadError] = {}  # since the last good sample
         self.consecutive = 0
@@ -130,9 +136,10 @@ class _Health:
             self.unreadable[url] = unreadable
         self.consecutive += 1
         if self.consecutive >= _MIN_CONSECUTIVE_FAILURES and len(self.failed_urls) >= self.num_shards:
+            of = f" of source {self.source!r}" if self.source else ""
             raise RuntimeError(
                 f"no usable sample in {self.consecutive} attempts across all "
-                f"{self.num_shards} shards; skip counts so far: {self.counter.counts}. "
+                f"{self.num_shards} shards{of}; skip counts so far: {self.counter.counts}. "
                 f"{unreadable_summary(self.unreadable)}"
                 "Check the shards and that num_frames/buckets fit the videos."
             )
@@ -175,10 +182,11 @@ class VideoShardDataset(ShardStream):
         world_size: int,
         dtype: str = "float32",
         retry: ShardRetry | None = None,
+        sources: list[Source] | None = None,
     ):
         super().__init__(
             shards, resampled=resampled, batches_per_epoch=batches_per_epoch, seed=seed,
-            rank=rank, world_size=world_size,
+            rank=rank, world_size=world_size, sources=sources,
         )
         self.dtype = BATCH_DTYPES[dtype]
         self.retry = retry or ShardRetry()
@@ -195,18 +203,27 @@ class VideoShardDataset(ShardStream):
     # -- the stream ----------------------------------------------------------------
 
     def epoch_stream(self, *, worker: int, num_workers: int, epoch: int) -> Iterator[dict]:
-        shard_ss, shuffle_ss, frame_ss, bucket_ss = self.stream_seeds(worker, epoch, 4)
+        shard_ss, shuffle_ss, frame_ss, bucket_ss, source_ss = self.stream_seeds(worker, epoch, 5)
         counter = _SkipCounter()
         limit = self.worker_batches(worker, num_workers)
         if limit == 0 or not (self.resampled or self.assigned_shards(worker, num_workers)):
             return
-        health = _Health(len(self.shards), counter) if self.resampled else None
-        urls = self.stream_urls(shard_ss, worker, num_workers)
-
-        samples = self._samples(urls, counter, health, np.random.default_rng(bucket_ss))
+        bucket_rng = np.random.default_rng(bucket_ss)
+        if self.sources is None:
+            health = _Health(len(self.shards), counter) if self.resampled else None
+            urls = self.stream_urls(shard_ss, worker, num_workers)
+            samples = self._samples(urls, counter, health, bucket_rng)
+        else:  # a weighted mixture: one endless shard stream per source
+            streams = [
+                self._samples(self.source_urls(src_ss, src), counter,
+                              _Health(len(src.shards), counter, src.name), bucket_rng, src.name)
+                for src, src_ss in zip(self.sources, self.source_seeds(shard_ss))
+            ]
+            samples = (s for _, s in mix(streams, [src.weight for src in self.sources],
+                                         np.random.default_rng(source_ss)))
         if not self.deterministic and self.shuffle_buffer > 1:
             samples = shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
-        batches = self._batches(samples, counter, health, np.random.default_rng(frame_ss))
+        batches = self._batches(samples, counter, np.random.default_rng(frame_ss))
         if not self.resampled:
             batches = _with_trailing_skips(batches, counter)
 
@@ -223,13 +240,15 @@ class VideoShardDataset(ShardStream):
             )
 
     def _samples(
-        self, urls: Iterator[str], counter: _SkipCounter, health: _Health | None, rng: np.random.Generator
+        self, urls: Iterator[str], counter: _SkipCounter, health: _Health | None, rng: np.random.Generator,
+        source: str | None = None,
     ) -> Iterator[_Sample]:
         """Validated, bucketed, still-encoded samples from a sequence of shards."""
         for url in urls:
             for raw in self._read_shard(url, counter, health):
                 sample = self._validate(raw, url, counter, rng)
                 if sample is not None:
+                    sample.source, sample.health = source, health
                     yield sample
                 elif health is not None:
                     health.fail(url)
@@ -253,7 +272,9 @@ class VideoShardDataset(ShardStream):
         """Check members and metadata, pick the bucket (no decoding; ``rng`` draws it)."""
         key = raw.get("__key__", "?")
         where = f"{url}:{key}"
-        if "mp4" not in raw:
+        video_ext = next((e for e in VIDEO_EXTS if e in raw), None)
+        image_ext = None if video_ext else next((e for e in IMAGE_EXTS if e in raw), None)
+        if video_ext is None and image_ext is None:
             counter.add("missing_video", where, f"members present: {sorted(k for k in raw if not k.startswith('__'))}")
             return None
         try:
@@ -264,54 +285,82 @@ class VideoShardDataset(ShardStream):
         if not caption:
             counter.add("no_caption", where, "missing or empty .txt")
             return None
+        media = raw[video_ext or image_ext]
+        facts = stream_facts if video_ext else image_facts
         try:
-            meta, source = stream_facts(json.loads(raw["json"]) if "json" in raw else {}, raw["mp4"])
+            meta, source = facts(json.loads(raw["json"]) if "json" in raw else {}, media)
         except (BadMetadata, ValueError, TypeError) as exn:  # JSONDecodeError is a ValueError
             counter.add("bad_meta", where, exn)
             return None
-        except RuntimeError as exn:  # no facts in the shard, and decord cannot open the video
-            counter.add("decode_error", where, f"probing the video for its metadata: {exn}")
+        except (RuntimeError, OSError) as exn:  # no facts in the shard, and the media cannot be opened
+            counter.add("decode_error", where, f"probing the {'video' if video_ext else 'image'} "
+                        f"for its metadata: {type(exn).__name__}: {exn}")
             return None
         if source == "probed":
             counter.note("probed_meta")
-        stride, max_distortion = self._stride(meta), self.max_aspect_distortion
-        if self.bucket_weights is None:
-            bucket = assign_bucket(meta, self.buckets, stride, max_distortion)
+        bucket = self._bucket_for(meta, where, counter, rng)
+        return None if bucket is None else _Sample(key, url, media, caption, meta, bucket)
+
+    def _bucket_for(self, meta: dict, where: str, counter: _SkipCounter, rng: np.random.Generator) -> Bucket | None:
+        """The sample's bucket (drawn by ``rng`` in training streams), or None, counted."""
+        buckets, weights = self.buckets, self.bucket_weights
+        image = meta.get("image", False)
+        if image:  # 1-frame buckets the image covers without upscaling
+            covered = [i for i, b in enumerate(buckets)
+                       if b.frames == 1 and b.height <= meta["height"] and b.width <= meta["width"]]
+            if not covered:
+                if any(b.frames == 1 for b in buckets):
+                    smallest = min((b for b in buckets if b.frames == 1), key=lambda b: b.height * b.width)
+                    counter.add("too_small", where, f"{meta['width']}x{meta['height']} image; the smallest "
+                                f"1-frame bucket is {smallest} (images are not upscaled)")
+                else:
+                    counter.add("too_short", where, "an image fits only 1-frame buckets (e.g. '1x256x256'); "
+                                f"the buckets are {[str(b) for b in buckets]}")
+                return None
+            buckets = [buckets[i] for i in covered]
+            weights = None if weights is None else [weights[i] for i in covered]
+        stride, max_distortion = (1 if image else self._stride(meta)), self.max_aspect_distortion
+        if weights is None:
+            bucket = assign_bucket(meta, buckets, stride, max_distortion)
         else:
-            bucket = draw_bucket(meta, self.buckets, self.bucket_weights, rng, stride, max_distortion)
-        if bucket is None:
-            if eligible_buckets(meta, self.buckets, stride):
-                counter.add(
-                    "aspect_mismatch", where,
-                    f"{meta['width']}x{meta['height']} video; no bucket long enough for its "
-                    f"{meta['num_frames']} frames is within max_aspect_distortion={max_distortion:g}",
-                )
-            else:
-                smallest = min(b.frames for b in self.buckets)
-                counter.add(
-                    "too_short", where,
-                    f"{meta['num_frames']} frames; smallest bucket needs {smallest} at stride {stride:g}",
-                )
-            return None
-        return _Sample(key, url, raw["mp4"], caption, meta, bucket)
+            bucket = draw_bucket(meta, buckets, weights, rng, stride, max_distortion)
+        if bucket is not None:
+            return bucket
+        if eligible_buckets(meta, buckets, stride):
+            counter.add(
+                "aspect_mismatch", where,
+                f"{meta['width']}x{meta['height']} {'image' if image else 'video'}; no bucket it fits is "
+                f"within max_aspect_distortion={max_distortion:g}",
+            )
+        else:
+            smallest = min(b.frames for b in buckets)
+            counter.add(
+                "too_short", where,
+                f"{meta['num_frames']} frames; smallest bucket needs {smallest} at stride {stride:g}",
+            )
+        return None
 
     def _stride(self, meta: dict) -> float:
         return meta["fps"] / self.target_fps if self.target_fps is not None else self.frame_stride
 
     def _decode_into(self, s: _Sample, rng: np.random.Generator, out: torch.Tensor) -> list[int]:
-        """Decode the sample's clip into ``out`` ([3, T, H, W], in [-1, 1]); -> frame indices."""
-        if self.target_fps is not None:
-            spacing = dict(target_fps=self.target_fps, fps=s.meta["fps"])
+        """Decode the sample's clip (or image) into ``out`` ([3, T, H, W], in [-1, 1]);
+        -> frame indices."""
+        if s.meta.get("image"):
+            frames, indices = decode_image(s.media), [0]
         else:
-            spacing = dict(stride=self.frame_stride)
-        frames, indices = decode_clip(
-            s.mp4, s.bucket.frames, rng=None if self.deterministic else rng, **spacing
-        )
+            if self.target_fps is not None:
+                spacing = dict(target_fps=self.target_fps, fps=s.meta["fps"])
+            else:
+                spacing = dict(stride=self.frame_stride)
+            frames, indices = decode_clip(
+                s.media, s.bucket.frames, rng=None if self.deterministic else rng, **spacing
+            )
         resize_crop(frames, s.bucket.height, s.bucket.width, out=out)
         return indices
 
     def _batches(
-        self, samples: Iterator[_Sample], counter: _SkipCounter, health: _Health | None, rng: np.random.Generator
+        self, samples: Iterator[_Sample], counter: _SkipCounter, rng: np.random.Generator
     ) -> Iterator[dict]:
         """Decode and group by bucket; a bucket is emitted when it has batch_size clips."""
         pending: dict[Bucket, _Group] = {}
@@ -331,11 +380,11 @@ class VideoShardDataset(ShardStream):
             else:
                 ok = True
             if not ok:
-                if health is not None:
-                    health.fail(s.url)
+                if s.health is not None:
+                    s.health.fail(s.url)
                 continue
-            if health is not None:
-                health.ok()
+            if s.health is not None:
+                s.health.ok()
             group.samples.append(s)
             group.indices.append(indices)
             if len(group.samples) == self.batch_size:
@@ -345,6 +394,16 @@ class VideoShardDataset(ShardStream):
         for bucket in sorted(pending):
             if pending[bucket].samples:
                 yield pending[bucket].collate(counter)
+
+
+def _source_counts(samples, counts: dict) -> dict:
+    """``counts`` plus ``source/<name>/samples`` for the samples of a mixture's sources."""
+    counts = dict(counts)
+    for s in samples:
+        if s.source is not None:
+            key = f"source/{s.source}/samples"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _with_trailing_skips(batches: Iterator[dict], counter: _SkipCounter) -> Iterator[dict]:
@@ -399,7 +458,7 @@ class _Group:
             ],
             num_skipped=torch.tensor(sum(skipped.values()), dtype=torch.int64),
             skipped=skipped,
-            counts=counter.take_notes(),
+            counts=_source_counts(self.samples, counter.take_notes()),
         )
 
 
@@ -432,8 +491,9 @@ def resolve_buckets(
 
 
 def build_video_dataset(
-    shards: str | Sequence[str],
+    shards: str | Sequence[str] | None = None,
     *,
+    sources: Sequence[dict] | None = None,
     mode: str = "video",
     num_frames: int = 17,
     height: int = 64,
@@ -458,6 +518,9 @@ def build_video_dataset(
 
     Args:
         shards: pattern(s) for ``expand_shards`` (brace ranges, globs, dirs, lists).
+        sources: instead of ``shards``, a weighted mixture for training streams:
+            ``[{name, shards, weight}]`` (``vidgen.data.sources``); samples are drawn from
+            the sources in proportion to their weights and counted per source.
         mode: "video" (clips of ``num_frames``) or "image" (one random frame, T=1).
         num_frames, height, width: the single bucket used when ``buckets`` is None.
         buckets: e.g. ``["17x64x64", "9x64x112", "1x64x64"]``; in image mode only H, W
@@ -520,8 +583,12 @@ def build_video_dataset(
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
 
+    if sources is not None and not resampled:
+        raise ValueError("sources (a weighted mixture) only apply to resampled training streams; "
+                         "a finite pass (validation, encode_latents) reads shards")
+    mixture = parse_sources(sources, shards) if sources is not None else None
     return VideoShardDataset(
-        expand_shards(shards),
+        [u for src in mixture for u in src.shards] if mixture else expand_shards(shards),
         mode=mode,
         buckets=bucket_list,
         bucket_weights=weights,
@@ -538,4 +605,5 @@ def build_video_dataset(
         world_size=world_size,
         dtype=dtype,
         retry=ShardRetry.of(shard_retry),
+        sources=mixture,
     )

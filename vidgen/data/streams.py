@@ -78,13 +78,17 @@ class ShardStream(IterableDataset, ABC):
         seed: int,
         rank: int,
         world_size: int,
+        sources: list | None = None,
     ):
         super().__init__()
+        if sources is not None and not resampled:
+            raise ValueError("sources (a weighted mixture) need resampled=True; a finite pass reads shards")
         if batches_per_epoch is not None and (not resampled or batches_per_epoch < 1):
             raise ValueError(
                 f"batches_per_epoch={batches_per_epoch} needs resampled=True and a value >= 1"
             )
         self.shards = shards
+        self.sources = sources  # vidgen.data.sources.Source list, or None: one stream of shards
         self.resampled, self.batches_per_epoch = resampled, batches_per_epoch
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, start_batch]
@@ -166,6 +170,19 @@ class ShardStream(IterableDataset, ABC):
         if not self.resampled:
             yield from self.assigned_shards(worker, num_workers)
             return
-        rng = np.random.default_rng(shard_seed)
+        yield from self._draws(shard_seed, self.shards)
+
+    @staticmethod
+    def _draws(seed: np.random.SeedSequence, shards) -> Iterator[str]:
+        rng = np.random.default_rng(seed)
         while True:
-            yield self.shards[int(rng.integers(len(self.shards)))]
+            yield shards[int(rng.integers(len(shards)))]
+
+    def source_seeds(self, shard_seed: np.random.SeedSequence) -> list[np.random.SeedSequence]:
+        """One shard-draw seed per source of the mixture (child ``i`` is the same whatever
+        the number of sources)."""
+        return shard_seed.spawn(len(self.sources))
+
+    def source_urls(self, seed: np.random.SeedSequence, source) -> Iterator[str]:
+        """A mixture source's endless shard draws (with replacement, from its own list)."""
+        return self._draws(seed, source.shards)

@@ -174,6 +174,40 @@ def decode_clip(mp4_bytes: bytes, count: int, **sample_kwargs) -> tuple[np.ndarr
     return vr.get_batch(indices).asnumpy(), indices
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # shard members decoded as images
+
+
+def probe_image(data: bytes) -> dict:
+    """``dict(height, width)`` from an image's header (nothing is decoded).
+
+    Raises:
+        PIL.UnidentifiedImageError (an OSError): the bytes are no image PIL reads.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+    return dict(height=int(height), width=int(width))
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """An encoded image (JPEG, PNG, WebP) as one uint8 RGB frame ``[1, H, W, 3]``.
+
+    Palette, grey and alpha images become RGB (alpha is dropped). PIL's decompression-bomb
+    guard stays on: an image of more than twice ``Image.MAX_IMAGE_PIXELS`` pixels raises.
+
+    Raises:
+        OSError: unreadable or truncated image data (PIL.UnidentifiedImageError included).
+        PIL.Image.DecompressionBombError: far too many pixels.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # truncated data fails here, not later
+        frame = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return frame[None]
+
+
 # --------------------------------------------------------------------------------------
 # Resizing
 # --------------------------------------------------------------------------------------
