@@ -1,14 +1,21 @@
-"""Turn a folder or list of captioned videos into WebDataset shards.
+"""Turn a folder or list of captioned videos and images into WebDataset shards.
 
     python -m vidgen.data.make_shards --src videos/ --out shards/
     python -m vidgen.data.make_shards --src list.csv --out shards/ --shard-size 500 \\
         --min-frames 17 --reencode --fps 16 --max-side 512 --keyint 16 --workers 8
 
 Sources:
-  folder   every video under it (recursively); caption from ``<name>.txt`` next to it
-  .csv     columns ``path`` (or ``video``) and ``caption``
-  .jsonl   one object per line with ``path`` (or ``video``) and ``caption``
+  folder   every video and image under it (recursively); caption from ``<name>.txt`` next to it
+  .csv     columns ``path`` (or ``video`` / ``image``) and ``caption``
+  .jsonl   one object per line with ``path`` (or ``video`` / ``image``) and ``caption``
 Relative paths in a list are resolved against the list file's folder.
+
+Images (.jpg, .jpeg, .png, .webp; other formats PIL reads, e.g. .bmp, are stored as PNG)
+become ``{key}.jpg|png|webp`` samples with ``{"height", "width", "num_frames": 1,
+"image": true}`` metadata, the layout img2dataset writes; the loader decodes them in its
+workers and puts them in 1-frame buckets. ``--min-frames`` applies to videos only; with
+``--reencode`` an image larger than ``--max-side`` is downscaled and stored as JPEG
+(quality 95), other images are stored unchanged.
 
 Every video is probed (decord); videos with no caption, unreadable ones and ones shorter
 than ``--min-frames`` are skipped with their reason. ``--reencode`` rewrites each video
@@ -37,6 +44,8 @@ from vidgen.data.shards import VideoShardWriter, make_key
 from vidgen.data.video import Mp4Writer, fit_within, open_video, probe_video, resize_frames
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+_STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # kept byte for byte
 SKIP_REASONS = ("no_caption", "unreadable", "too_short")
 _DECODE_CHUNK = 32  # frames decoded at once while re-encoding (bounds memory)
 
@@ -67,10 +76,10 @@ class Options:
 
 
 def _row_path(row: dict, where: str) -> str:
-    for column in ("path", "video"):
+    for column in ("path", "video", "image"):
         if row.get(column):
             return str(row[column])
-    raise ValueError(f"{where}: no 'path' or 'video' value (keys: {sorted(row)})")
+    raise ValueError(f"{where}: no 'path', 'video' or 'image' value (keys: {sorted(row)})")
 
 
 def _resolve(path: str, base: Path) -> str:
@@ -85,7 +94,8 @@ def list_sources(src: str | Path) -> list[Item]:
         raise FileNotFoundError(f"--src {str(src)!r} does not exist (expected a folder, a .csv or a .jsonl)")
     rows: list[tuple[str, str | None, str]] = []  # (path, caption, name)
     if src.is_dir():
-        for video in sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()):
+        media = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+        for video in sorted(p for p in src.rglob("*") if p.suffix.lower() in media and p.is_file()):
             sidecar = video.with_suffix(".txt")
             caption = sidecar.read_text(encoding="utf-8") if sidecar.is_file() else None
             rows.append((str(video), caption, str(video.relative_to(src))))
@@ -93,8 +103,8 @@ def list_sources(src: str | Path) -> list[Item]:
         with open(src, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
-            if not {"path", "video"} & set(columns) or "caption" not in columns:
-                raise ValueError(f"{src}: need a 'path' (or 'video') and a 'caption' column, found {columns}")
+            if not {"path", "video", "image"} & set(columns) or "caption" not in columns:
+                raise ValueError(f"{src}: need a 'path' (or 'video' / 'image') and a 'caption' column, found {columns}")
             for line, row in enumerate(reader, start=2):
                 path = _row_path(row, f"{src}:{line}")
                 rows.append((_resolve(path, src.parent), row.get("caption"), path))
@@ -141,10 +151,45 @@ def _reencode(path: str, info: dict, opts: Options) -> bytes:
     return buf.getvalue()
 
 
+def _image_bytes(path: str, opts: Options) -> tuple[bytes, str, dict, dict]:
+    """(stored bytes, member extension, stored size, source size) of one image."""
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # a truncated or corrupt file fails here
+        source = dict(height=im.height, width=im.width)
+        ext = _STORED_FORMATS.get(im.format)
+        scale = opts.max_side / max(im.height, im.width) if opts.reencode and opts.max_side else 1.0
+        height, width = max(1, round(im.height * min(scale, 1.0))), max(1, round(im.width * min(scale, 1.0)))
+        if (height, width) != (im.height, im.width):
+            buf = io.BytesIO()
+            im.convert("RGB").resize((width, height), Image.Resampling.LANCZOS).save(buf, "JPEG", quality=95)
+            return buf.getvalue(), "jpg", dict(height=height, width=width), source
+        if ext is None:  # a format the loader's members do not name: store it as PNG
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+            data, ext = buf.getvalue(), "png"
+    return data, ext, dict(source), source
+
+
+def _process_image(item: Item, opts: Options) -> dict:
+    try:
+        data, ext, size, source = _image_bytes(item.path, opts)
+    except Exception as err:  # noqa: BLE001 - PIL/OS errors all mean "unreadable"
+        return dict(item=item, status="unreadable", detail=f"{type(err).__name__}: {err}")
+    meta = dict(size, num_frames=1, image=True, source=item.name, source_height=source["height"],
+                source_width=source["width"], reencoded=size != source)
+    return dict(item=item, status="ok", mp4=data, ext=ext, meta=meta)
+
+
 def process_item(item: Item, opts: Options) -> dict:
-    """-> ``{"item", "status": "ok", "mp4", "meta"}`` or ``{"item", "status": reason, "detail"}``."""
+    """-> ``{"item", "status": "ok", "mp4", "ext", "meta"}`` (``mp4``: the stored media bytes)
+    or ``{"item", "status": reason, "detail"}``."""
     if item.caption is None or not item.caption.strip():
         return dict(item=item, status="no_caption", detail="no caption (sidecar .txt missing/empty or empty field)")
+    if Path(item.path).suffix.lower() in IMAGE_EXTENSIONS:
+        return _process_image(item, opts)
     try:
         source = probe_video(item.path)
         if opts.reencode:
@@ -169,7 +214,7 @@ def process_item(item: Item, opts: Options) -> dict:
         source_width=source["width"],
         reencoded=opts.reencode,
     )
-    return dict(item=item, status="ok", mp4=mp4, meta=meta)
+    return dict(item=item, status="ok", mp4=mp4, ext="mp4", meta=meta)
 
 
 def _process_star(args: tuple[Item, Options]) -> dict:
@@ -244,10 +289,12 @@ def make_shards(
             for result in results:  # imap keeps source order: the shards are reproducible
                 item: Item = result["item"]
                 if result["status"] == "ok":
-                    writer.write(make_key(item.index, Path(item.name).stem), result["mp4"], item.caption.strip(), result["meta"])
+                    writer.write(make_key(item.index, Path(item.name).stem), result["mp4"], item.caption.strip(),
+                                 result["meta"], ext=result["ext"])
                     total_frames += result["meta"]["num_frames"]
-                    total_duration += result["meta"]["duration"]
+                    total_duration += result["meta"].get("duration", 0.0)
                     counts["written"] += 1
+                    counts["images"] += result["meta"].get("image", False)
                 else:
                     counts[result["status"]] += 1
                     skipped_files.append(dict(path=item.path, reason=result["status"], detail=result["detail"]))
@@ -263,6 +310,7 @@ def make_shards(
         out=str(out),
         found=len(items),
         written=counts["written"],
+        images=counts["images"],
         skipped={r: counts[r] for r in SKIP_REASONS},
         skipped_total=sum(counts[r] for r in SKIP_REASONS),
         shards=[Path(s).name for s in writer.shards],
@@ -285,6 +333,7 @@ def print_summary(summary: dict) -> None:
     table.add_column("outcome")
     table.add_column("videos", justify="right")
     table.add_row("written", str(summary["written"]))
+    table.add_row("  of which images", str(summary["images"]))
     for reason, n in summary["skipped"].items():
         table.add_row(f"skipped: {reason}", str(n))
     table.add_row("shards", str(len(summary["shards"])))
@@ -298,9 +347,10 @@ def print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m vidgen.data.make_shards",
-        description="Write captioned videos from a folder, .csv or .jsonl into WebDataset shards.",
+        description="Write captioned videos and images from a folder, .csv or .jsonl into WebDataset shards.",
     )
-    parser.add_argument("--src", required=True, help="folder of videos + <name>.txt captions, or a .csv/.jsonl list")
+    parser.add_argument("--src", required=True,
+                        help="folder of videos/images + <name>.txt captions, or a .csv/.jsonl list")
     parser.add_argument("--out", required=True, help="output folder for shard-%%06d.tar and summary.json")
     parser.add_argument("--shard-size", type=int, default=1000, help="max videos per shard")
     parser.add_argument("--max-shard-bytes", type=int, default=1 << 30, help="max bytes per shard")

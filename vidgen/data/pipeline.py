@@ -50,10 +50,10 @@ from vidgen.data.buckets import (
 )
 from vidgen.data.metadata import BadMetadata, image_facts, stream_facts
 from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreadable_summary
-from vidgen.data.shards import expand_shards
+from vidgen.data.shards import IMAGE_EXTS, expand_shards
 from vidgen.data.sources import Source, mix, parse_sources
 from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
-from vidgen.data.video import IMAGE_EXTS, VideoTooShortError, decode_clip, decode_image, resize_crop
+from vidgen.data.video import VideoTooShortError, decode_clip, decode_image, resize_crop
 
 log = logging.getLogger(__name__)
 

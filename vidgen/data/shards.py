@@ -23,6 +23,8 @@ import braceexpand
 import webdataset as wds
 
 REQUIRED_META = ("num_frames", "fps", "height", "width", "duration")
+REQUIRED_IMAGE_META = ("height", "width")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # shard members that hold an image (img2dataset: jpg)
 # WebDataset splits a member name at the first dot of its basename: keys must not
 # contain dots (or slashes, which would make directories inside the tar).
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -100,18 +102,20 @@ class VideoShardWriter:
 
     # -- public API ------------------------------------------------------------------
 
-    def write(self, key: str, mp4: bytes, caption: str, meta: dict) -> None:
-        """Add one sample. ``meta`` must hold at least ``REQUIRED_META``."""
+    def write(self, key: str, mp4: bytes, caption: str, meta: dict, ext: str = "mp4") -> None:
+        """Add one sample. ``meta`` must hold at least ``REQUIRED_META`` (an image, ``ext``
+        one of ``IMAGE_EXTS``: ``REQUIRED_IMAGE_META``); the media member is ``{key}.{ext}``."""
         if not _KEY_OK.match(key):
             raise ValueError(f"invalid sample key {key!r}: use letters, digits, '_' or '-' only")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
-        missing = [k for k in REQUIRED_META if k not in meta]
+        required = REQUIRED_IMAGE_META if ext in IMAGE_EXTS else REQUIRED_META
+        missing = [k for k in required if k not in meta]
         if missing:
-            raise ValueError(f"meta for {key!r} lacks {missing}; required: {list(REQUIRED_META)}")
+            raise ValueError(f"meta for {key!r} lacks {missing}; required: {list(required)}")
         sample = {
             "__key__": key,
-            "mp4": bytes(mp4),
+            ext: bytes(mp4),
             "txt": caption.encode("utf-8"),
             "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
         }

@@ -174,9 +174,6 @@ def decode_clip(mp4_bytes: bytes, count: int, **sample_kwargs) -> tuple[np.ndarr
     return vr.get_batch(indices).asnumpy(), indices
 
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # shard members decoded as images
-
-
 def probe_image(data: bytes) -> dict:
     """``dict(height, width)`` from an image's header (nothing is decoded).
 
@@ -204,7 +201,7 @@ def decode_image(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # truncated data fails here, not later
-        frame = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        frame = np.array(im.convert("RGB"), dtype=np.uint8)
     return frame[None]
 
 
