@@ -13,6 +13,11 @@ collation; with workers > 0 also the transfer of float32 batches to the main pro
 Target: per worker, the pipeline keeps >= 0.9x the raw rate, and its total grows with
 workers up to the number of free cores.
 
+Images: the same pipeline over image shards (img2dataset layout, ``{key}.jpg``) into a
+1-frame bucket, against a plain loop that decodes the same JPEG bytes with PIL (target:
+>= 0.9x per CPU-second). Remote: the video shards served by ``python -m http.server`` (a
+separate process, its CPU not counted) against the same shards read from disk.
+
 Two measures. Wall clock: clips/s, best of ``--trials`` runs (on a shared machine other
 processes only ever make a run slower). CPU: clips per CPU-second, counting the main
 process and (after they exit) the loader workers; it is what one worker's core buys, and
@@ -22,9 +27,13 @@ it stays meaningful when the machine is busy.
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import os
 import resource
+import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -33,8 +42,9 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from vidgen.data.pipeline import build_video_dataset
+from vidgen.data.shards import VideoShardWriter
 from vidgen.data.synthetic import make_synthetic_dataset
-from vidgen.data.video import open_video, sample_frame_indices
+from vidgen.data.video import open_video, resize_frames, sample_frame_indices
 
 
 def load_mp4s(shard_dir: str) -> list[bytes]:
@@ -61,11 +71,62 @@ def raw_decode_rate(videos: list[bytes], clip_frames: int, num_clips: int, seed:
     return num_clips / (time.perf_counter() - wall), num_clips / (time.process_time() - cpu)
 
 
-def pipeline_rate(shards: str, workers: int, args, dtype: str = "float32") -> tuple[float, float]:
+def write_image_shards(videos: list[bytes], out: str, size: int) -> list[bytes]:
+    """JPEG images (frame 0 of each video, resized to ``size``) as img2dataset-style shards;
+    -> the JPEG bytes, for the raw loop."""
+    from PIL import Image
+
+    jpegs = []
+    with VideoShardWriter(out, max_samples=100) as writer:
+        for i, mp4 in enumerate(videos):
+            frame = resize_frames(open_video(mp4)[0].asnumpy()[None], size, size)[0]
+            buf = io.BytesIO()
+            Image.fromarray(frame).save(buf, "JPEG", quality=90)
+            jpegs.append(buf.getvalue())
+            writer.write(f"{i:06d}", jpegs[-1], f"image {i}", dict(height=size, width=size), ext="jpg")
+    return jpegs
+
+
+def raw_image_rate(jpegs: list[bytes], num_images: int) -> tuple[float, float]:
+    """(images/s, images per CPU-s) decoding in-memory JPEGs with PIL in a plain loop."""
+    from PIL import Image
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(num_images):
+        np.asarray(Image.open(io.BytesIO(jpegs[i % len(jpegs)])).convert("RGB"))
+    return num_images / (time.perf_counter() - wall), num_images / (time.process_time() - cpu)
+
+
+class StaticServer:
+    """``python -m http.server`` in its own process, serving ``directory`` on a free port."""
+
+    def __init__(self, directory: str):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1", "--directory", directory],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):  # until it answers
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("http.server did not start")
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def pipeline_rate(shards: str, workers: int, args, dtype: str = "float32", frames: int | None = None,
+                  size: int | None = None, count: int | None = None) -> tuple[float, float]:
     """(clips/s after a warm-up batch per worker, clips per CPU-s over the whole run)."""
-    num_batches = args.clips // args.batch_size
+    num_batches = (count or args.clips) // args.batch_size
+    size = size or args.size
     dataset = build_video_dataset(
-        shards, num_frames=args.clip_frames, height=args.size, width=args.size,
+        shards, num_frames=frames or args.clip_frames, height=size, width=size,
         batch_size=args.batch_size, batches_per_epoch=num_batches + max(1, workers),
         shuffle_buffer=args.shuffle_buffer, seed=0, dtype=dtype,
     )
@@ -96,6 +157,10 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "uint8"], choices=["float32", "uint8"],
                         help="batch dtype out of the pipeline (uint8: converted on the device later)")
     parser.add_argument("--trials", type=int, default=3, help="runs per setting; the best is shown")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the JPEG images (image rows)")
+    parser.add_argument("--images", type=int, default=2400, help="images timed per setting")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["video", "images", "http"],
+                        help="row groups to leave out")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,17 +175,54 @@ def main() -> None:
         raw_wall, raw_cpu = max(r[0] for r in runs), max(r[1] for r in runs)
         print(f"\n{args.clip_frames}-frame clips, {args.size}x{args.size}, batch {args.batch_size}, "
               f"{os.cpu_count()} CPU(s) visible, load average {os.getloadavg()[0]:.1f}\n")
-        header = f"{'setting':<26}{'clips/s':>9}{'per worker':>12}{'vs raw':>8}{'clips/CPU-s':>13}{'vs raw':>8}"
+        header = f"{'setting':<30}{'clips/s':>9}{'per worker':>12}{'vs raw':>8}{'clips/CPU-s':>13}{'vs raw':>8}"
         print(header)
         print("-" * len(header))
-        print(f"{'raw decord loop':<26}{raw_wall:>9.1f}{raw_wall:>12.1f}{1.0:>8.2f}{raw_cpu:>13.1f}{1.0:>8.2f}")
-        for dtype, workers in itertools.product(args.dtypes, args.workers):
-            runs = [pipeline_rate(shards, workers, args, dtype) for _ in range(args.trials)]
+
+        def row(label, runs, base_wall, base_cpu, workers):
             wall, cpu = max(r[0] for r in runs), max(r[1] for r in runs)
             per_worker = wall / max(1, workers)
-            label = f"{dtype}, {workers} worker(s)"
-            print(f"{label:<26}{wall:>9.1f}{per_worker:>12.1f}{per_worker / raw_wall:>8.2f}"
-                  f"{cpu:>13.1f}{cpu / raw_cpu:>8.2f}")
+            print(f"{label:<30}{wall:>9.1f}{per_worker:>12.1f}{per_worker / base_wall:>8.2f}"
+                  f"{cpu:>13.1f}{cpu / base_cpu:>8.2f}")
+
+        def trials(*a, **kw):
+            return [pipeline_rate(*a, **kw) for _ in range(args.trials)]
+
+        print(f"{'raw decord loop':<30}{raw_wall:>9.1f}{raw_wall:>12.1f}{1.0:>8.2f}{raw_cpu:>13.1f}{1.0:>8.2f}")
+        if "video" not in args.skip:
+            for dtype, workers in itertools.product(args.dtypes, args.workers):
+                row(f"{dtype}, {workers} worker(s)", trials(shards, workers, args, dtype), raw_wall, raw_cpu, workers)
+
+        if "images" not in args.skip:
+            jpegs = write_image_shards(videos, os.path.join(tmp, "images"), args.image_size)
+            raw_image_rate(jpegs, 20)
+            runs = [raw_image_rate(jpegs, args.images) for _ in range(args.trials)]
+            img_wall, img_cpu = max(r[0] for r in runs), max(r[1] for r in runs)
+            print(f"\n{args.image_size}px JPEG images into a 1x{args.image_size}x{args.image_size} bucket "
+                  "(img2dataset layout); rates in images")
+            print(f"{'raw PIL decode loop':<30}{img_wall:>9.1f}{img_wall:>12.1f}{1.0:>8.2f}{img_cpu:>13.1f}{1.0:>8.2f}")
+            for workers in args.workers:
+                row(f"uint8 images, {workers} worker(s)",
+                    trials(os.path.join(tmp, "images"), workers, args, "uint8", frames=1, size=args.image_size,
+                           count=args.images),
+                    img_wall, img_cpu, workers)
+
+        if "http" not in args.skip:
+            disk = [pipeline_rate(shards, 0, args, "uint8") for _ in range(args.trials)]
+            disk_wall, disk_cpu = max(r[0] for r in disk), max(r[1] for r in disk)
+            names = sorted(n for n in os.listdir(shards) if n.endswith(".tar"))
+            server = StaticServer(shards)
+            try:
+                urls = [f"http://127.0.0.1:{server.port}/{n}" for n in names]
+                print("\nthe video shards over HTTP (python -m http.server, another process) vs from disk; "
+                      "ratios against the disk row")
+                print(f"{'uint8, disk, 0 workers':<30}{disk_wall:>9.1f}{disk_wall:>12.1f}{1.0:>8.2f}"
+                      f"{disk_cpu:>13.1f}{1.0:>8.2f}")
+                for workers in args.workers:
+                    row(f"uint8, http, {workers} worker(s)", trials(urls, workers, args, "uint8"),
+                        disk_wall, disk_cpu, workers)
+            finally:
+                server.close()
 
 
 if __name__ == "__main__":

@@ -126,6 +126,8 @@ def parse_args(argv=None):
                    "token, a 32k-token step does not fit 80 GB without it)")
     p.add_argument("--peak-tflops", type=float, help="device peak dense bf16 TFLOP/s (default by name)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-share", type=float, default=0.3,
+                   help="share of images (1 latent frame) in the image + clip mixture's efficiency row")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p.parse_args(argv)
 
@@ -145,8 +147,9 @@ def tokens_of(shape) -> int:
     return math.prod(s // q for s, q in zip(shape[-3:], PATCH))
 
 
-def sample_specs(frames, pixels, text_len, seed):
-    """Endless stream of sample shapes drawn uniformly from the frames x pixels buckets.
+def sample_specs(frames, pixels, text_len, seed, image_share=0.0):
+    """Endless stream of sample shapes drawn uniformly from the frames x pixels buckets
+    (with ``image_share`` > 0: that share of images, 1 frame at a drawn size, instead).
 
     Each spec: key (position in the stream), bucket, latent shape [C, T, H, W], caption length,
     flow time t (logit-normal, shifted by the token count). Drawn from their own generator, so
@@ -156,6 +159,8 @@ def sample_specs(frames, pixels, text_len, seed):
     g = torch.Generator().manual_seed(seed)
     for key in itertools.count():
         f, p = buckets[int(torch.randint(len(buckets), (1,), generator=g))]
+        if image_share > 0 and float(torch.rand((), generator=g)) < image_share:
+            f = 1  # an image: one latent frame, its own timestep and token-count shift
         shape = latent_shape(f, p)
         n_text = int(torch.randint(text_len[0], text_len[1] + 1, (1,), generator=g))
         t = sample_timesteps(1, shift=resolution_shift([tokens_of(shape)]), generator=g)
@@ -218,9 +223,9 @@ def padded_tokens(shapes) -> int:
     return len(shapes) * tokens_of([max(s[i] for s in shapes) for i in (-3, -2, -1)])
 
 
-def stream_efficiencies(args, pixels, budget, n=2000) -> dict:
+def stream_efficiencies(args, pixels, budget, n=2000, image_share=0.0) -> dict:
     """Packing / padding efficiency over a long stream, from shapes alone (cheap empty tensors)."""
-    specs = list(itertools.islice(sample_specs(args.frames, pixels, args.text_len, args.seed), n))
+    specs = list(itertools.islice(sample_specs(args.frames, pixels, args.text_len, args.seed, image_share), n))
     shapes = [s["shape"] for s in specs]
     light = (dict(latent=torch.empty(1, *s["shape"][1:]), context=torch.empty(1, 1)) for s in specs)
     buffer = PackingBuffer(light, PATCH, budget, buffer_size=64, min_efficiency=0.95, drop_last=True)
@@ -231,7 +236,7 @@ def stream_efficiencies(args, pixels, budget, n=2000) -> dict:
     padded = sum(padded_tokens([shapes[i] for i in g])
                  for g in group_padded(shapes, budget, args.baseline_batch))
     return dict(samples=n, packing_efficiency=packed_tokens / (sequences * budget),
-                padding_efficiency=real / padded)
+                padding_efficiency=real / padded, image_share=image_share)
 
 
 @dataclasses.dataclass
@@ -463,7 +468,8 @@ def bench_training(args, device, amp) -> dict:
         frames=args.frames, pixels=list(pixels), max_tokens=budget, text_len=args.text_len,
         buckets=sorted({s["bucket"] for s in samples}, key=lambda b: [int(v) for v in b.split("x")]),
         packing_efficiency=packing_efficiency(packed), parity_rel_err=rel_err, clock=args.clock,
-        stream=stream_efficiencies(args, pixels, budget), rows=rows)
+        stream=stream_efficiencies(args, pixels, budget),
+        mixture=stream_efficiencies(args, pixels, budget, image_share=args.image_share), rows=rows)
 
 
 def bench_mfu(args, device) -> dict:
@@ -524,6 +530,10 @@ def print_training(r, device, dtype):
     print(f"   padding efficiency of {rows[1]['run']} (real / computed tokens): "
           f"{st['padding_efficiency']:.3f} over the stream; {rows[1]['token_efficiency']:.3f} on the "
           f"timed window (in model FLOPs: {rows[1]['flop_efficiency']:.3f})")
+    mx = r["mixture"]
+    print(f"   {mx['image_share']:.0%} images / {1 - mx['image_share']:.0%} clips (data.train.sources): packing "
+          f"efficiency {mx['packing_efficiency']:.3f} over a {mx['samples']}-sample stream; padding "
+          f"efficiency of the padded baseline {mx['padding_efficiency']:.3f}")
     for row in rows[1:]:
         print(f"   ratio ours / {row['run']}: {row['ours_speedup']:.2f}x real tokens/s (target >= 1.0x)")
 

@@ -173,7 +173,7 @@ def test_source_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="--src .*nope.*does not exist"):
         list_sources(tmp_path / "nope")
     (tmp_path / "bad.csv").write_text("file,text\nx.mp4,hi\n")
-    with pytest.raises(ValueError, match=r"'path' \(or 'video'\) and a 'caption' column, found \['file', 'text'\]"):
+    with pytest.raises(ValueError, match=r"'path' \(or 'video' / 'image'\) and a 'caption' column, found \['file', 'text'\]"):
         list_sources(tmp_path / "bad.csv")
     (tmp_path / "bad.jsonl").write_text('{"path": "x.mp4"}\nnot json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):

@@ -190,6 +190,9 @@ def draw_bucket(
                if weight_of[b] > 0]
     if not fitting:
         return None
+    if len(fitting) == 1:  # the same draw, without the cumulative sum
+        rng.random()
+        return fitting[0]
     cumulative = np.cumsum([weight_of[b] for b in fitting])
     i = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
     return fitting[min(i, len(fitting) - 1)]  # min: guards rounding at the top end

@@ -201,7 +201,8 @@ def decode_image(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # truncated data fails here, not later
-        frame = np.array(im.convert("RGB"), dtype=np.uint8)
+        rgb = im if im.mode == "RGB" else im.convert("RGB")
+        frame = np.asarray(rgb)  # one copy out of PIL; read-only, which resize_crop allows
     return frame[None]
 
 
