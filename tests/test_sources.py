@@ -117,3 +117,8 @@ def test_vae_and_dit_train_on_mixtures_and_log_per_source_counts(tmp_path, two_s
         trained = sum(float(r["train/samples"]) for r in csv.DictReader(f) if r.get("train/samples"))
     counted = metrics.get("data/source/clips/samples", 0.0) + metrics.get("data/source/more/samples", 0.0)
     assert counted == trained
+
+
+def test_remote_latent_shards_are_a_clear_error():
+    with pytest.raises(ValueError, match="latent shards are read from local or mounted folders.*http://h/x.tar"):
+        LatentDataModule(train=dict(shards="http://h/x.tar", max_tokens=8), patch_size=(1, 2, 2))

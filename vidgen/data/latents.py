@@ -324,7 +324,13 @@ class LatentShardDataset(ShardStream):
 
 def read_latents_info(shards: Sequence[str]) -> dict:
     """``latents_info.json`` of the folders holding ``shards``; they must agree."""
-    folders = sorted({os.path.dirname(os.path.abspath(s)) for s in shards})
+    remote = [s for s in shards if "://" in s and not s.startswith("file://") or s.startswith("pipe:")]
+    if remote:
+        raise ValueError(
+            f"latent shards are read from local or mounted folders (latents_info.json and "
+            f"{EMPTY_NAME} sit next to them), got {remote[0]!r}; copy or mount the folder"
+        )
+    folders = sorted({os.path.dirname(os.path.abspath(s.removeprefix("file://"))) for s in shards})
     infos = []
     for folder in folders:
         path = Path(folder) / INFO_NAME

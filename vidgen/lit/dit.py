@@ -1,6 +1,6 @@
 """LightningModule for DiT training: thin glue around `WanDiT`, rectified flow and packing.
 
-    python train.py experiment=dit/stage1 data.train.shards='latents/256px/{00000..00999}.tar'
+    python train.py experiment=dit/stage1 "data.train.shards='latents/256px/{00000..00999}.tar'"
     python train.py experiment=dit/stage2 model.init_from=outputs/dit_stage1/<run>
     python train.py experiment=dit/stage1 trainer=fsdp2 trainer.devices=8      # FSDP2
 

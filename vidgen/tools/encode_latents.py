@@ -1,7 +1,7 @@
 """Precompute DiT training data: video shards -> latent shards (VAE latents + text embeddings).
 
     python -m vidgen.tools.encode_latents vae=outputs/vae_stage3/<run> \
-        data.shards='shards/{00000..00999}.tar' out=latents/256px \
+        "data.shards='shards/{00000..00999}.tar'" out=latents/256px \
         data.buckets='[17x256x256,17x256x448]' [text_encoder=minilm | /models/umt5-xxl]
     # several processes, each taking its own shards (or torchrun: RANK / WORLD_SIZE are read):
     python -m vidgen.tools.encode_latents ... rank=0 world=4 &  ...  rank=3 world=4

@@ -1,7 +1,7 @@
 """Per-channel latent statistics of a VAE over a dataset, stored with the VAE.
 
     python -m vidgen.tools.latent_stats ckpt=outputs/vae_stage3/<run> \
-        data.shards='shards/{00000..00099}.tar' data.num_frames=17 data.height=256 data.width=256 \
+        "data.shards='shards/{00000..00099}.tar'" data.num_frames=17 data.height=256 data.width=256 \
         data.max_videos=2000 [out=<folder>]
 
 Streams clips through the VAE encoder (chunked causal path), takes the posterior mean mu
