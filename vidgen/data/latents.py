@@ -60,7 +60,7 @@ from vidgen.data.buckets import parse_buckets
 from vidgen.data.datamodule import EpochDataLoader, seed_worker, to_builtin, trained_position
 from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreadable_summary
 from vidgen.data.shards import expand_shards
-from vidgen.data.sources import Source, mix, parse_sources
+from vidgen.data.sources import Source, count_sources, parse_sources
 from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
 from vidgen.models.dit.packing import PackingBuffer
 
@@ -197,10 +197,7 @@ class LatentShardDataset(ShardStream):
         if self.sources is None:
             samples = self._samples(self.stream_urls(shard_ss, worker, num_workers))
         else:  # a weighted mixture: one endless shard stream per source
-            streams = [self._samples(self.source_urls(ss, src), src.name)
-                       for src, ss in zip(self.sources, self.source_seeds(shard_ss))]
-            samples = (s for _, s in mix(streams, [src.weight for src in self.sources],
-                                         np.random.default_rng(source_ss)))
+            samples = self.mixed(shard_ss, source_ss, lambda urls, src: self._samples(urls, src.name))
         if self.resampled and self.shuffle_buffer > 1:
             samples = shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
         if self.cfg_dropout > 0:
@@ -234,12 +231,8 @@ class LatentShardDataset(ShardStream):
         )
         for packed in buffer:
             skipped, self._skipped = self._skipped, 0
-            counts: dict[str, int] = {}
-            for m in packed.meta:
-                if m.get("source") is not None:
-                    key = f"source/{m['source']}/samples"
-                    counts[key] = counts.get(key, 0) + 1
-            yield dict(packed=packed, stage=0, num_skipped=torch.tensor(skipped), counts=counts)
+            yield dict(packed=packed, stage=0, num_skipped=torch.tensor(skipped),
+                       counts=count_sources(m.get("source") for m in packed.meta))
         if not final:
             raise RuntimeError("the latent stream ended although it is resampled")
 

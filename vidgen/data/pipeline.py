@@ -51,7 +51,7 @@ from vidgen.data.buckets import (
 from vidgen.data.metadata import BadMetadata, image_facts, stream_facts
 from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreadable_summary
 from vidgen.data.shards import IMAGE_EXTS, expand_shards
-from vidgen.data.sources import Source, mix, parse_sources
+from vidgen.data.sources import Source, count_sources, parse_sources
 from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
 from vidgen.data.video import VideoTooShortError, decode_clip, decode_image, resize_crop
 
@@ -214,13 +214,8 @@ class VideoShardDataset(ShardStream):
             urls = self.stream_urls(shard_ss, worker, num_workers)
             samples = self._samples(urls, counter, health, bucket_rng)
         else:  # a weighted mixture: one endless shard stream per source
-            streams = [
-                self._samples(self.source_urls(src_ss, src), counter,
-                              _Health(len(src.shards), counter, src.name), bucket_rng, src.name)
-                for src, src_ss in zip(self.sources, self.source_seeds(shard_ss))
-            ]
-            samples = (s for _, s in mix(streams, [src.weight for src in self.sources],
-                                         np.random.default_rng(source_ss)))
+            samples = self.mixed(shard_ss, source_ss, lambda urls, src: self._samples(
+                urls, counter, _Health(len(src.shards), counter, src.name), bucket_rng, src.name))
         if not self.deterministic and self.shuffle_buffer > 1:
             samples = shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
         batches = self._batches(samples, counter, np.random.default_rng(frame_ss))
@@ -396,16 +391,6 @@ class VideoShardDataset(ShardStream):
                 yield pending[bucket].collate(counter)
 
 
-def _source_counts(samples, counts: dict) -> dict:
-    """``counts`` plus ``source/<name>/samples`` for the samples of a mixture's sources."""
-    counts = dict(counts)
-    for s in samples:
-        if s.source is not None:
-            key = f"source/{s.source}/samples"
-            counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
 def _with_trailing_skips(batches: Iterator[dict], counter: _SkipCounter) -> Iterator[dict]:
     """A finite pass's batches, the last one held back so that skips seen after it (a bad
     final shard) are reported on it instead of being lost."""
@@ -458,7 +443,7 @@ class _Group:
             ],
             num_skipped=torch.tensor(sum(skipped.values()), dtype=torch.int64),
             skipped=skipped,
-            counts=_source_counts(self.samples, counter.take_notes()),
+            counts={**counter.take_notes(), **count_sources(s.source for s in self.samples)},
         )
 
 

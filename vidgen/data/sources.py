@@ -78,6 +78,17 @@ def parse_sources(sources: Sequence[Mapping] | None, shards, where: str = "data.
     return out
 
 
+def count_sources(names) -> dict[str, int]:
+    """``{"source/<name>/samples": n}`` over the source names of a batch's samples (None:
+    not from a mixture)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        if name is not None:
+            key = f"source/{name}/samples"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def mix(streams: Sequence[Iterator], weights: Sequence[float], rng: np.random.Generator) -> Iterator[tuple[int, object]]:
     """Endless ``(source index, item)``: each item from the stream of a source drawn with
     probability proportional to ``weights`` (one ``rng.random()`` per item)."""

@@ -183,6 +183,17 @@ class ShardStream(IterableDataset, ABC):
         the number of sources)."""
         return shard_seed.spawn(len(self.sources))
 
+    def mixed(self, shard_seed: np.random.SeedSequence, source_seed: np.random.SeedSequence,
+              samples_of) -> Iterator:
+        """A mixture's samples: ``samples_of(urls, source)`` is one source's sample stream
+        over its own endless shard draws; each sample comes from a source drawn by weight."""
+        from vidgen.data.sources import mix
+
+        streams = [samples_of(self.source_urls(ss, src), src)
+                   for src, ss in zip(self.sources, self.source_seeds(shard_seed))]
+        return (s for _, s in mix(streams, [src.weight for src in self.sources],
+                                  np.random.default_rng(source_seed)))
+
     def source_urls(self, seed: np.random.SeedSequence, source) -> Iterator[str]:
         """A mixture source's endless shard draws (with replacement, from its own list)."""
         return self._draws(seed, source.shards)
