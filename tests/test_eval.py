@@ -87,7 +87,17 @@ def test_vae_recon_report_has_every_metric(setup, i3d_calls):
     out = evaluate(_cfg(setup, "metrics.random_backbones=true", "metrics.fvd_batch_size=2",
                         "tiling.tile=16", "tiling.overlap=8"))  # 32px frames go through tiles
     report = json.loads((out / "report.json").read_text())
-    assert set(report["metrics"]) == {"psnr", "ssim", "lpips", "fvd"} and report["missing"] == {}
+    caption_keys = {f"{p}caption_{k}" for p in ("", "reference_")
+                    for k in ("accuracy", "background", "shape", "motion", "clips", "unparsed")}
+    assert set(report["metrics"]) == {"psnr", "ssim", "lpips", "fvd", "psnr_worst_frame",
+                                      "psnr_worst_frame_index"} | caption_keys
+    assert report["missing"] == {}
+    # the real clips show their captions; the untrained VAE's blur keeps no shape
+    assert report["metrics"]["reference_caption_accuracy"] == 1.0
+    assert report["metrics"]["caption_shape"] == 0.0 and report["metrics"]["caption_clips"] == 2
+    worst = min(report["curves"]["psnr_t"])
+    assert report["metrics"]["psnr_worst_frame"] == worst
+    assert report["curves"]["psnr_t"][report["metrics"]["psnr_worst_frame_index"]] == worst
     (real, f_real), (recon, f_recon) = _real_and_fake(i3d_calls)
     assert real.shape == recon.shape == (2, 3, 17, 32, 32)
     # PSNR / SSIM of exactly the clips FVD saw, by scikit-image
@@ -135,11 +145,12 @@ def test_fvd_needs_16_frames(setup):
 def test_eval_cli_psnr_ssim_only(setup, tmp_path):
     cmd = [sys.executable, str(ROOT / "eval.py"), f"ckpt={setup / 'vae'}",
            f"data.shards={setup / 'data' / 'val'}", f"out={tmp_path / 'r'}", "data.height=32",
-           "data.width=32", "data.num_workers=0", "metrics.lpips=false", "metrics.fvd=false"]
+           "data.width=32", "data.num_workers=0", "metrics.lpips=false", "metrics.fvd=false",
+           "metrics.caption=false"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert set(report["metrics"]) == {"psnr", "ssim"}
+    assert set(report["metrics"]) == {"psnr", "ssim", "psnr_worst_frame", "psnr_worst_frame_index"}
     # the same clips and reconstructions here, scored by scikit-image
     from vidgen.lit.vae import load_vae
 
@@ -165,7 +176,10 @@ def test_dit_gen_report(setup, i3d_calls):
                         "metrics.fvd_batch_size=2", "sampling.steps=2", "sampling.cfg_scale=1.0",
                         "allow_identity_latent_stats=true", f"out={setup / 'gen'}"))
     report = json.loads((out / "report.json").read_text())
-    assert set(report["metrics"]) == {"fvd"} and report["missing"] == {}
+    assert set(report["metrics"]) == {"fvd"} | {f"caption_{k}" for k in (
+        "accuracy", "background", "shape", "motion", "clips", "unparsed")}
+    assert report["missing"] == {}
+    assert report["metrics"]["caption_clips"] == 2 and report["metrics"]["caption_accuracy"] == 0.0
     (_, f_real), (fake, f_fake) = _real_and_fake(i3d_calls)
     assert fake.shape == (2, 3, 17, 32, 32)
     # measured 11.7 for the untrained DiT's samples; < 1e-9 with a default-init I3D
@@ -173,3 +187,23 @@ def test_dit_gen_report(setup, i3d_calls):
     assert report["metrics"]["fvd"] > 1.0
     assert report["protocol"]["task"] == "dit_gen" and report["protocol"]["sampling"]["steps"] == 2
     assert list(out.glob("*.png"))
+
+
+def test_dit_gen_caption_accuracy_without_fvd(setup, monkeypatch):
+    # dit_gen scores what generate() returns; here it returns the reference clips themselves
+    # (all pass), then the clips of the batch rolled by one (other captions: all fail)
+    import vidgen.sample as sample_module
+    from vidgen.models.dit.model import wan_tiny
+
+    wan_tiny(in_channels=4, out_channels=4, text_dim=384).save_pretrained(setup / "dit_c")
+    clips = torch.cat([b["video"] for b in _loader(_cfg(setup))])
+    for shift, expected in ((0, 1.0), (1, 0.0)):
+        monkeypatch.setattr(sample_module, "generate", lambda *a, **k: clips.roll(shift, 0))
+        out = evaluate(_cfg(setup, "task=dit_gen", f"ckpt={setup / 'dit_c'}", f"vae={setup / 'vae'}",
+                            "text_encoder=minilm", "metrics.lpips=false", "metrics.fvd=false",
+                            "allow_identity_latent_stats=true", f"out={setup / f'gen_c{shift}'}"))
+        metrics = json.loads((out / "report.json").read_text())["metrics"]
+        assert "fvd" not in metrics and metrics["caption_accuracy"] == expected
+    with pytest.raises(ValueError, match="metrics.fvd=true or metrics.caption=true"):
+        evaluate(_cfg(setup, "task=dit_gen", f"ckpt={setup / 'dit_c'}", "metrics.fvd=false",
+                      "metrics.caption=false"))

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from vidgen.data.pipeline import build_video_dataset
 from vidgen.losses.lpips import build_lpips
+from vidgen.metrics.caption import CaptionAccuracy
 from vidgen.metrics.fvd import FVD
 from vidgen.metrics.i3d import InceptionI3d, load_i3d
 from vidgen.metrics.report import write_report
@@ -68,6 +69,26 @@ def _metric_models(cfg: DictConfig, device: torch.device):
     return lpips_model, fvd
 
 
+CAPTION_PROTOCOL = (
+    "synthetic captions checked from pixels with the generator's palette and motion table "
+    "(vidgen.metrics.caption): background colour, one blob of the shape colour, its direction; "
+    "reference_*: the same check on the real clips"
+)
+
+
+def _caption_metrics(acc: CaptionAccuracy, metrics: dict, missing: dict, prefix: str = "") -> None:
+    """caption_accuracy and its parts into `metrics`, or why not into `missing`."""
+    result = acc.compute()
+    if result["caption_clips"] == 0:
+        missing[f"{prefix}caption_accuracy"] = (
+            f"none of the {result['caption_unparsed']} captions is of the synthetic form "
+            "('a red circle moving left to right on a blue striped background')"
+        )
+        return
+    for k, v in result.items():
+        metrics[f"{prefix}{k}"] = v
+
+
 def _compute_fvd(fvd: FVD, metrics: dict, missing: dict) -> dict:
     """FVD into `metrics`, or the reason it cannot be computed into `missing` (fewer than 2
     clips a side: no covariance), so the report is still written. Returns its protocol."""
@@ -89,6 +110,7 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     vae.check_frames(cfg.data.num_frames)
     lpips_model, fvd = _metric_models(cfg, device)
     scores = VideoMetrics(psnr=cfg.metrics.psnr, ssim=cfg.metrics.ssim, lpips_model=lpips_model)
+    captions = (CaptionAccuracy(), CaptionAccuracy()) if cfg.metrics.caption else None  # real, recon
     grids, seen = [], 0
     limit = cfg.data.max_videos
     bar = tqdm(_loader(cfg), desc="vae_recon", unit="batch", disable=rank != 0)
@@ -106,6 +128,10 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
             recon = vae.decode(mu)
         recon = recon.clamp(-1, 1)
         scores.update(x, recon)
+        if captions is not None:
+            names = list(batch["caption"])[: len(x)]
+            captions[0].update(x, names)
+            captions[1].update(recon, names)
         if fvd is not None:
             fvd.update_real(x)
             fvd.update_fake(recon)
@@ -117,6 +143,13 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
         raise ValueError(f"no clips of {cfg.data.num_frames} frames were read from {cfg.data.shards}")
     result = scores.compute()
     metrics = {k: result[k] for k in ("psnr", "ssim", "lpips") if k in result}
+    if "psnr_t" in result:  # the frame index whose mean PSNR over the clips is lowest
+        metrics["psnr_worst_frame"] = min(result["psnr_t"])
+        metrics["psnr_worst_frame_index"] = min(range(len(result["psnr_t"])), key=result["psnr_t"].__getitem__)
+    warnings, missing = [], {}
+    if captions is not None:
+        _caption_metrics(captions[1], metrics, missing)
+        _caption_metrics(captions[0], metrics, missing, prefix="reference_")
     protocol = {
         "task": "vae_recon",
         "num_videos": result["num_videos"],
@@ -126,8 +159,8 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
         "lpips": f"{cfg.metrics.lpips_net}, per frame on [-1,1]" if lpips_model is not None else None,
         "inference": "chunked causal encode (1, 4, 4, ... frames), posterior mean, decode",
         "tiling": f"tiles of {cfg.tiling.tile}px, overlap {cfg.tiling.overlap}px, when a side exceeds the tile",
+        "caption": CAPTION_PROTOCOL if captions is not None else None,
     }
-    warnings, missing = [], {}
     if cfg.metrics.random_backbones:
         warnings.append("random LPIPS/I3D backbones (test mode): LPIPS and FVD figures are meaningless")
     if fvd is not None:  # its warnings travel in protocol["fvd"]; write_report collects them
@@ -145,8 +178,11 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     from vidgen.sample import check_decoding_vae, generate, read_pipeline
     from vidgen.text import build_text_encoder
 
-    if not cfg.metrics.fvd:
-        raise ValueError("task=dit_gen reports FVD of generated vs reference clips: set metrics.fvd=true")
+    if not cfg.metrics.fvd and not cfg.metrics.caption:
+        raise ValueError(
+            "task=dit_gen reports FVD of generated vs reference clips and/or the caption accuracy "
+            "of the generated clips: set metrics.fvd=true or metrics.caption=true"
+        )
     pipeline = read_pipeline(cfg.ckpt, trust=cfg.trust_checkpoint)
     vae_path = cfg.vae or pipeline.get("vae")
     encoder_name = cfg.text_encoder or pipeline.get("text_encoder")
@@ -162,6 +198,7 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     dit = load_dit(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
     text_encoder = build_text_encoder(encoder_name, device=device)
     _, fvd = _metric_models(OmegaConf.merge(cfg, {"metrics": {"lpips": False}}), device)
+    captions_acc = CaptionAccuracy() if cfg.metrics.caption else None
     s = cfg.sampling
     grids, seen = [], 0
     limit = cfg.data.max_videos
@@ -179,8 +216,11 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
             steps=s.steps, solver=s.solver, cfg_scale=s.cfg_scale,
             seed=cfg.seed + 1_000_000 * rank + seen, flow=pipeline.get("flow"),
         )
-        fvd.update_real(x)
-        fvd.update_fake(fake)
+        if fvd is not None:
+            fvd.update_real(x)
+            fvd.update_fake(fake)
+        if captions_acc is not None:
+            captions_acc.update(fake, captions)
         for i in range(min(len(x), cfg.grid_videos - len(grids))):
             grids.append((captions[i][:40], x[i].cpu(), fake[i].cpu()))
         seen += len(x)
@@ -188,7 +228,9 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     if seen == 0:
         raise ValueError(f"no clips of {cfg.data.num_frames} frames were read from {cfg.data.shards}")
     metrics, missing = {}, {}
-    fvd_protocol = _compute_fvd(fvd, metrics, missing)
+    fvd_protocol = _compute_fvd(fvd, metrics, missing) if fvd is not None else None
+    if captions_acc is not None:
+        _caption_metrics(captions_acc, metrics, missing)
     protocol = {
         "task": "dit_gen",
         "num_videos": seen,
@@ -197,9 +239,10 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
         "sampling": {**OmegaConf.to_container(s), "seed": cfg.seed, "vae": str(vae_path),
                      "text_encoder": str(encoder_name)},
         "fvd": fvd_protocol,
+        "caption": CAPTION_PROTOCOL if captions_acc is not None else None,
     }
     warnings = []  # FVD's own warnings travel in protocol["fvd"]
-    if cfg.metrics.random_backbones:
+    if cfg.metrics.random_backbones and fvd is not None:
         warnings.append("random I3D (test mode): the FVD figure is meaningless")
     return dict(metrics=metrics, protocol=protocol, curves=None, grids=grids, warnings=warnings,
                 missing=missing, other_label="generated")

@@ -30,6 +30,12 @@ METRIC_LABELS = {  # key -> (label, better)
     "ssim": ("SSIM", "higher"),
     "lpips": ("LPIPS (alex)", "lower"),
     "fvd": ("FVD", "lower"),
+    "psnr_worst_frame": ("PSNR, worst frame (dB)", "higher"),
+    "caption_accuracy": ("Caption accuracy", "higher"),
+    "caption_background": ("Caption: background colour", "higher"),
+    "caption_shape": ("Caption: shape colour blob", "higher"),
+    "caption_motion": ("Caption: motion direction", "higher"),
+    "reference_caption_accuracy": ("Caption accuracy, real clips", "higher"),
 }
 CURVE_LABELS = {"psnr_t": "PSNR (dB)", "ssim_t": "SSIM", "lpips_t": "LPIPS"}
 
