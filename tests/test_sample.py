@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_latents import TINY_VAE, _one_thread, cached_text_encoder, compose_tool  # noqa: F401, I001
 
-from vidgen.data.video import probe_video
+from vidgen.data.video import decode_frames, probe_video
 from vidgen.models.dit.model import wan_tiny
 from vidgen.models.vae import WanVAE
 from vidgen.sample import PIPELINE_NAME, generate, read_pipeline
@@ -85,9 +86,25 @@ def test_sample_cli_writes_mp4s_of_the_requested_length(tmp_path, run_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = [Path(p) for p in proc.stdout.split() if p.endswith(".mp4")]
     assert [p.name for p in paths] == ["000_seed3_a_red_circle.mp4", "001_seed4_a_cat.mp4"]
-    for p in paths:
+    for i, p in enumerate(paths):
         info = probe_video(p)
         assert (info["num_frames"], info["height"], info["width"]) == (9, 32, 32)
+        sidecar = json.loads(p.with_suffix(".json").read_text())
+        assert sidecar["prompt"] == ["a red circle", "a cat"][i] and sidecar["seed"] == 3 + i
+        assert (sidecar["solver"], sidecar["steps"], sidecar["cfg_scale"]) == ("euler", 2, 5.0)
+        assert sidecar["checkpoint"] == str(run_dir.resolve()) and sidecar["vae"] == str(run_dir / "vae")
+        assert (sidecar["num_frames"], sidecar["height"], sidecar["width"]) == (9, 32, 32)
+    # the sidecar is enough to draw the second video again, alone
+    again = tmp_path / "again"
+    sidecar = json.loads(paths[1].with_suffix(".json").read_text())
+    proc = subprocess.run([*cmd[:4], f"prompt={sidecar['prompt']}", f"seed={sidecar['seed']}",
+                           f"solver={sidecar['solver']}", f"steps={sidecar['steps']}",
+                           f"cfg_scale={sidecar['cfg_scale']}", "num_frames=9", "height=32", "width=32",
+                           f"out={again}"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (redrawn,) = again.glob("*.mp4")
+    assert np.array_equal(decode_frames(redrawn.read_bytes(), list(range(9))),
+                          decode_frames(paths[1].read_bytes(), list(range(9))))
 
     bad = subprocess.run(cmd[:5] + ["num_frames=8", f"out={out}"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=env)

@@ -267,6 +267,14 @@ def run(cfg) -> list[str]:
         slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:48] or "empty"
         path = out / f"{i:03d}_seed{cfg.seed + i}_{slug}.mp4"
         write_mp4(to_uint8_frames(video), path, fps=cfg.fps)
+        # What it takes to draw this video again: `python -m vidgen.sample` with these fields.
+        sidecar = dict(
+            prompt=prompt, negative_prompt=cfg.negative_prompt, seed=cfg.seed + i, solver=cfg.solver,
+            steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift, num_frames=cfg.num_frames,
+            height=cfg.height, width=cfg.width, fps=cfg.fps, checkpoint=str(Path(cfg.ckpt).resolve()),
+            vae=str(vae_path), text_encoder=str(encoder_name), flow=pipeline.get("flow"),
+        )
+        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
         paths.append(str(path))
         print(path)
     return paths
