@@ -8,6 +8,11 @@ STAMP  := $(VENV)/.installed
 DEMO   := outputs/demo
 # held-out reconstruction of the demo VAEs: the 32 validation clips, 17 frames, 64px
 DEMO_EVAL := data.shards=data/synthetic/val data.height=64 data.width=64 metrics.lpips=false metrics.fvd=false
+# the demo DiT's caption accuracy: samples for the first 16 held-out captions (none is a demo prompt)
+DEMO_DIT_EVAL := data.shards=data/synthetic/val data.num_frames=9 data.height=64 data.width=64 \
+	data.max_videos=16 metrics.fvd=false metrics.lpips=false
+# after each demo stage: "<stage> <unix seconds>" for the wall time table of demo_report
+STAGE_DONE = echo "$(1) $$(date +%s)" >> $(DEMO)/stage_times.txt
 # what the demo DiT samples (one mp4 each)
 DEMO_PROMPTS := a red circle moving left to right on a blue striped background,\
 	a yellow square moving top to bottom on a green gradient background,\
@@ -41,30 +46,37 @@ data/synthetic/train: | $(STAMP)
 
 demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic data (CPU, ~11-23 min)
 	rm -rf $(DEMO)
+	mkdir -p $(DEMO) && $(call STAGE_DONE,start)
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage1 paths.run_dir=$(DEMO)/vae_stage1
+	$(call STAGE_DONE,vae_stage1)
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage2 paths.run_dir=$(DEMO)/vae_stage2 \
 		model.init_from=$(DEMO)/vae_stage1
+	$(call STAGE_DONE,vae_stage2)
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage3 paths.run_dir=$(DEMO)/vae_stage3 \
 		model.init_from=$(DEMO)/vae_stage2
+	$(call STAGE_DONE,vae_stage3)
 	$(PY) -m vidgen.tools.latent_stats ckpt=$(DEMO)/vae_stage3 data.shards=data/synthetic/train \
 		data.num_frames=17 data.max_videos=64 chunked=false
 	for s in train val; do $(PY) -m vidgen.tools.encode_latents vae=$(DEMO)/vae_stage3 \
 		data.shards=data/synthetic/$$s out=$(DEMO)/latents/$$s 'data.buckets=[5x32x32,9x64x64]' \
 		every_bucket=true chunked=false data.batch_size=8 || exit 1; done
+	$(call STAGE_DONE,latents)
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/dit_stage1 paths.run_dir=$(DEMO)/dit_stage1
+	$(call STAGE_DONE,dit_stage1)
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/dit_stage2 paths.run_dir=$(DEMO)/dit_stage2 \
 		model.init_from=$(DEMO)/dit_stage1
+	$(call STAGE_DONE,dit_stage2)
 	$(PY) -m vidgen.sample ckpt=$(DEMO)/dit_stage2 \
 		'prompt=[$(DEMO_PROMPTS)]' \
 		num_frames=9 height=64 width=64 out=$(DEMO)/samples
 	$(PY) eval.py task=vae_recon ckpt=$(DEMO)/vae_stage2 $(DEMO_EVAL) out=$(DEMO)/eval_vae_stage2
 	$(PY) eval.py task=vae_recon ckpt=$(DEMO)/vae_stage3 $(DEMO_EVAL) out=$(DEMO)/eval
+	$(PY) eval.py task=dit_gen ckpt=$(DEMO)/dit_stage2 $(DEMO_DIT_EVAL) out=$(DEMO)/eval_dit
+	$(call STAGE_DONE,sample_and_eval)
 	@echo "demo outputs in $(DEMO)/: vae_stage{1,2,3}/ dit_stage{1,2}/ (config.yaml, checkpoints/,"
-	@echo "  samples/, csv/, exported vae/ or dit/), latents/, samples/ (mp4), eval/report.md"
-	@echo "  (the final VAE) and eval_vae_stage2/report.md. Held-out reconstruction, stage 2:"
-	@sed -n '/^| Metric/,/^$$/p' $(DEMO)/eval_vae_stage2/report.md
-	@echo "after stage 3:"
-	@cat $(DEMO)/eval/report.md | head -20
+	@echo "  samples/, csv/, exported vae/ or dit/), latents/, samples/ (mp4 + .json), eval/report.md"
+	@echo "  (the final VAE), eval_vae_stage2/report.md, eval_dit/report.md (the DiT's caption accuracy)"
+	$(PY) -m vidgen.tools.demo_report --demo $(DEMO) --shards data/synthetic/val
 
 bench: $(STAMP)  ## benchmarks against peer implementations (prints ratios)
 	$(PY) bench/bench_data.py

@@ -207,3 +207,48 @@ def test_dit_gen_caption_accuracy_without_fvd(setup, monkeypatch):
     with pytest.raises(ValueError, match="metrics.fvd=true or metrics.caption=true"):
         evaluate(_cfg(setup, "task=dit_gen", f"ckpt={setup / 'dit_c'}", "metrics.fvd=false",
                       "metrics.caption=false"))
+
+
+def test_demo_report_table_and_contact_sheet(setup, tmp_path, capsys):
+    # The demo's last step on a demo folder laid out as `make demo` leaves it (tiny models).
+    import shutil
+
+    from PIL import Image
+
+    from vidgen.data.video import write_mp4
+    from vidgen.models.dit.model import wan_tiny
+    from vidgen.tools import demo_report
+
+    demo = tmp_path / "demo"
+    shutil.copytree(setup / "vae", demo / "vae_stage3" / "vae")
+    common = ("metrics.lpips=false", "metrics.fvd=false", "data.height=64", "data.width=64")
+    for folder in ("eval", "eval_vae_stage2"):
+        evaluate(_cfg(setup, *common, f"out={demo / folder}"))
+    wan_tiny(in_channels=4, out_channels=4, text_dim=384).save_pretrained(setup / "dit_r")
+    evaluate(_cfg(setup, "task=dit_gen", f"ckpt={setup / 'dit_r'}", f"vae={setup / 'vae'}", *common,
+                  "text_encoder=minilm", "sampling.steps=1", "sampling.cfg_scale=1.0", "data.num_frames=9",
+                  "allow_identity_latent_stats=true", f"out={demo / 'eval_dit'}"))
+    # one "sample": a real held-out clip (its caption passes), with its sidecar
+    batch = next(iter(_loader(_cfg(setup, "data.height=64", "data.width=64"))))
+    (demo / "samples").mkdir()
+    write_mp4(((batch["video"][0] + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy(),
+              demo / "samples" / "000_seed0_x.mp4", fps=8)
+    (demo / "samples" / "000_seed0_x.json").write_text(json.dumps(
+        {"prompt": batch["caption"][0], "seed": 0, "steps": 30, "solver": "euler", "cfg_scale": 5.0}))
+    (demo / "stage_times.txt").write_text("start 1000\nvae_stage1 1090\nvae_stage2 1210\n")
+
+    demo_report.main(["--demo", str(demo), "--shards", str(setup / "data" / "val"), "--clips", "2"])
+    table = (demo / "summary.md").read_text()
+    assert table in capsys.readouterr().out
+    stage2 = json.loads((demo / "eval_vae_stage2" / "report.json").read_text())["metrics"]
+    assert f"| VAE stage 2 | {stage2['psnr']:.2f} | {stage2['psnr_worst_frame']:.2f}" in table
+    assert "| 0% (0% / 0% / 0%) | 100% |" in table.splitlines()[2]  # untrained VAE; real clips pass
+    assert "| DiT samples (2 held-out captions) |" in table
+    assert "| vae_stage1 | 1.5 min |" in table and "| vae_stage2 | 2.0 min |" in table
+    assert "| total | 3.5 min |" in table
+    sheet = Image.open(demo / "contact_sheet.png")
+    # 2 held-out blocks of 2 rows and 1 sample block of 1 row, 128px frames, 6 of them a row
+    assert sheet.size == (120 + 6 * 130, 3 * 28 + 5 * 130 + 3 * 6)
+    with pytest.raises(ValueError, match="must begin with a 'start"):
+        (demo / "stage_times.txt").write_text("vae_stage1 1090\n")
+        demo_report.stage_times(demo / "stage_times.txt")
