@@ -222,7 +222,7 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
         if captions_acc is not None:
             captions_acc.update(fake, captions)
         for i in range(min(len(x), cfg.grid_videos - len(grids))):
-            grids.append((captions[i][:40], x[i].cpu(), fake[i].cpu()))
+            grids.append((f"{seen + i:03d} {captions[i][:40]}", x[i].cpu(), fake[i].cpu()))  # unique
         seen += len(x)
         bar.set_postfix(videos=seen)
     if seen == 0:
