@@ -44,7 +44,7 @@ data/synthetic/train: | $(STAMP)
 	$(PY) -m vidgen.data.synthetic --out data/synthetic --num-videos 512 --val-videos 32 \
 		--size 64 --frames 17 --fps 8 --seed 0
 
-demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic data (CPU, ~11-23 min)
+demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic data (CPU, ~10 min on 2 cores)
 	rm -rf $(DEMO)
 	mkdir -p $(DEMO) && $(call STAGE_DONE,start)
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/vae_stage1 paths.run_dir=$(DEMO)/vae_stage1
