@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -255,6 +256,17 @@ def _one_attempt(url: str, timeout: float, skip: int, on_sample_error: Callable)
             if grouped > skip:
                 yield raw
         finished = True
+    except TarReadError as exn:
+        # A pipe: command that failed gives an empty or cut-short stream: its exit status is
+        # the cause to report (the tar error alone would hide it, depending on timing).
+        proc = getattr(stream, "proc", None)
+        status = None
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                status = proc.wait(timeout=5)
+        if status:
+            raise OSError(f"{url}: the command failed with exit {status} ({exn})") from exn
+        raise
     finally:
         _close(stream, quietly=not finished)
 
