@@ -49,22 +49,25 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
+def _caption_cell(m: dict) -> str:
+    """'<all> (<background> / <shape> / <motion>)' of a report's caption metrics."""
+    parts = " / ".join(_pct(m.get(f"caption_{p}")) for p in PARTS)
+    return f"{_pct(m.get('caption_accuracy'))} ({parts})"
+
+
 def summary_table(demo: Path) -> str:
     """The demo's figures as Markdown: VAE, DiT, wall time per stage."""
     lines = ["| Model | PSNR (dB) | worst frame PSNR (dB) | SSIM | caption accuracy "
              "(background / shape / motion) | real clips |", "|---|---|---|---|---|---|"]
     for label, folder in VAE_REPORTS:
         m = _metrics(demo / folder)
-        parts = " / ".join(_pct(m.get(f"caption_{p}")) for p in PARTS)
         lines.append(
             f"| {label} | {m['psnr']:.2f} | {m['psnr_worst_frame']:.2f} (frame {m['psnr_worst_frame_index']}) "
-            f"| {m['ssim']:.3f} | {_pct(m.get('caption_accuracy'))} ({parts}) "
+            f"| {m['ssim']:.3f} | {_caption_cell(m)} "
             f"| {_pct(m.get('reference_caption_accuracy'))} |"
         )
     m = _metrics(demo / DIT_REPORT)
-    parts = " / ".join(_pct(m.get(f"caption_{p}")) for p in PARTS)
-    lines.append(f"| DiT samples ({m['caption_clips']} held-out captions) | | | | "
-                 f"{_pct(m['caption_accuracy'])} ({parts}) | |")
+    lines.append(f"| DiT samples ({m['caption_clips']} held-out captions) | | | | {_caption_cell(m)} | |")
     times_path = demo / "stage_times.txt"
     if times_path.is_file():
         times = stage_times(times_path)
