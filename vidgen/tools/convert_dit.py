@@ -6,8 +6,14 @@
 diffusers side: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (or the sharded
 ``.safetensors.index.json`` form). Ours: ``config.json`` + ``model.safetensors`` as written
 by ``WanDiT.save_pretrained``. Tensors are renamed only, never reshaped or cast (pass
-``--dtype`` to cast), so a round trip is bit-exact. Only text-to-video models convert:
-image-to-video checkpoints (image_dim / added_kv_proj_dim set) are refused.
+``--dtype`` to cast), so a round trip is bit-exact. Text-to-video and Wan2.1 image-to-video
+models convert (I2V: ``in_channels=36``, ``image_dim`` / ``added_kv_proj_dim`` set, the CLIP
+projector ``condition_embedder.image_embedder`` and the ``attn2.add_k_proj`` / ``add_v_proj``
+/ ``norm_added_k`` image branch); first-last-frame models (``pos_embed_seq_len``) are refused.
+
+diffusers' I2V model takes the image tokens and the text in one sequence and cuts it at
+``len - 512``: text must be padded to 512 tokens there (Wan's convention); ``WanDiT`` takes
+``image=`` separately.
 
 Time convention: diffusers takes ``timestep`` in [0, 1000], we take flow time t in [0, 1];
 ``diffusers(x, 1000 * t, ctx) == ours(x, t, ctx)``.
@@ -34,6 +40,9 @@ _KEY_MAP = [
     (r"^condition_embedder\.time_proj\.", "time_projection.1."),
     (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
     (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "image_embedding.fc1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "image_embedding.fc2."),
+    (r"^condition_embedder\.image_embedder\.", "image_embedding."),
     (r"^(blocks\.\d+)\.attn1\.to_out\.0\.", r"\1.self_attn.to_out."),
     (r"^(blocks\.\d+)\.attn1\.", r"\1.self_attn."),
     (r"^(blocks\.\d+)\.attn2\.to_out\.0\.", r"\1.cross_attn.to_out."),
@@ -48,6 +57,9 @@ _KEY_MAP_INV = [
     (r"^time_projection\.1\.", "condition_embedder.time_proj."),
     (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
     (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"^image_embedding\.fc1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    (r"^image_embedding\.fc2\.", "condition_embedder.image_embedder.ff.net.2."),
+    (r"^image_embedding\.", "condition_embedder.image_embedder."),
     (r"^(blocks\.\d+)\.self_attn\.to_out\.", r"\1.attn1.to_out.0."),
     (r"^(blocks\.\d+)\.self_attn\.", r"\1.attn1."),
     (r"^(blocks\.\d+)\.cross_attn\.to_out\.", r"\1.attn2.to_out.0."),
@@ -72,13 +84,17 @@ def _rename(key: str, table) -> str:
 
 def config_from_diffusers(cfg: dict) -> dict:
     """diffusers WanTransformer3DModel config -> WanDiT kwargs."""
-    for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
-        if cfg.get(key) is not None:
-            raise ValueError(
-                f"{key}={cfg[key]!r}: image-to-video Wan checkpoints are not supported (text-to-video only)"
-            )
+    if cfg.get("pos_embed_seq_len") is not None:
+        raise ValueError(
+            f"pos_embed_seq_len={cfg['pos_embed_seq_len']!r}: first-last-frame (FLF2V) Wan "
+            "checkpoints are not supported (text- and image-to-video are)"
+        )
     heads, head_dim = cfg.get("num_attention_heads", 40), cfg.get("attention_head_dim", 128)
+    image = {}
+    if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
+        image = dict(image_dim=cfg.get("image_dim"), added_kv_proj_dim=cfg.get("added_kv_proj_dim"))
     return dict(
+        **image,
         in_channels=cfg.get("in_channels", 16),
         out_channels=cfg.get("out_channels") or cfg.get("in_channels", 16),
         patch_size=list(cfg.get("patch_size", (1, 2, 2))),
@@ -119,8 +135,8 @@ def config_to_diffusers(cfg: dict) -> dict:
         "cross_attn_norm": cfg["cross_attn_norm"],
         "qk_norm": "rms_norm_across_heads",
         "eps": cfg["eps"],
-        "image_dim": None,
-        "added_kv_proj_dim": None,
+        "image_dim": cfg.get("image_dim"),
+        "added_kv_proj_dim": cfg.get("added_kv_proj_dim"),
         "rope_max_seq_len": 1024,
         "pos_embed_seq_len": None,
     }

@@ -1,8 +1,10 @@
-"""Wan2.1-style video diffusion transformer (text-to-video), as plain nn.Modules.
+"""Wan2.1-style video diffusion transformer (text- and image-to-video), as plain nn.Modules.
 
     model = WAN_PRESETS["tiny"](text_dim=384)
     v = model(x, t, context)                    # padded batch: x [B, 16, T, H, W]
     vs = model.forward_packed(packed)            # packed samples of different shapes
+    i2v = WAN_PRESETS["tiny"](in_channels=36, image_dim=1280)   # Wan2.1 I2V
+    v = i2v(x, t, context, cond=cond, image=image)  # cond [B, 20, T, H, W], image [B, 257, 1280]
 
 Block (Wan2.1; parameter names and layout follow diffusers ``WanTransformer3DModel``):
 patchify (Conv3d (1, 2, 2) applied as a linear map on patch tokens), then per block
@@ -14,6 +16,14 @@ every block adds its own learned ``scale_shift_table``.
 Precision: the time embedding, modulation, norms, gated residual additions and the
 residual stream itself stay in fp32 under autocast (as in Wan), only the linear layers
 and attention run in the autocast / parameter dtype.
+
+Image-to-video (Wan2.1 I2V): the patch embedding takes ``in_channels = out_channels +
+cond_channels``: the noisy latent followed by ``cond`` (the 4-channel first-frame mask and the
+VAE latent of the first frame with zero frames after it, see ``vidgen.i2v``). With
+``image_dim`` set, image-encoder tokens (CLIP ViT hidden states) go through ``image_embedding``
+(Wan's MLPProj) and a second, decoupled cross-attention in every block: its own key/value
+projections (``add_k_proj`` / ``add_v_proj``, key RMSNorm ``norm_added_k``) share the text
+cross-attention's queries, and the two attention outputs are summed before ``to_out``.
 
 Timesteps: ``t`` is the flow time in [0, 1] (0 = data, 1 = noise); the sinusoidal
 embedding sees ``1000 * t``, the convention Wan and diffusers were trained with.
@@ -123,12 +133,14 @@ class TokenLayout:
     """How the tokens of x [B, L, dim] are grouped into samples.
 
     seg_ids: [N] sample index per token when packed (B == 1), None for a padded batch.
-    self_attn / cross_attn: keyword arguments for ``attention`` (offsets or key mask).
+    self_attn / cross_attn / image_attn: keyword arguments for ``attention`` (offsets or key
+    mask) of the self-attention, the text and the image cross-attention.
     """
 
     seg_ids: Tensor | None
     self_attn: dict
     cross_attn: dict
+    image_attn: dict | None = None
 
     def per_token(self, v: Tensor) -> Tensor:
         """Per-sample vectors v: [S, dim] -> broadcastable to x: [B, 1, dim] or [1, N, dim]."""
@@ -136,9 +148,19 @@ class TokenLayout:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with q/k RMSNorm across heads and optional 3D RoPE."""
+    """Multi-head attention with q/k RMSNorm across heads and optional 3D RoPE.
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+    added_kv_proj_dim: width of image tokens given their own keys/values (I2V cross-attention).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qk_norm: bool = True,
+        eps: float = 1e-6,
+        added_kv_proj_dim: int | None = None,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.to_q = nn.Linear(dim, dim)
@@ -147,35 +169,93 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        if added_kv_proj_dim is not None:
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.norm_added_k = RMSNorm(dim, eps)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, rope=None, **attn_kwargs) -> Tensor:
-        """x: [B, L, dim]; context: [B, Lc, dim] (None = self-attention) -> [B, L, dim]."""
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        rope=None,
+        image: Tensor | None = None,
+        image_attn: dict | None = None,
+        **attn_kwargs,
+    ) -> Tensor:
+        """x: [B, L, dim]; context: [B, Lc, dim] (None = self-attention) -> [B, L, dim].
+
+        image: [B, Li, added_kv_proj_dim] tokens attended with their own keys/values and the
+        same queries; ``image_attn`` are their ``attention`` keyword arguments.
+        """
         kv = x if context is None else context
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.to_k(kv)).unflatten(-1, (self.num_heads, -1))
         v = self.to_v(kv).unflatten(-1, (self.num_heads, -1))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.to_out(attention(q, k, v, **attn_kwargs).flatten(-2))
+        out = attention(q, k, v, **attn_kwargs)
+        if image is not None:
+            k_img = self.norm_added_k(self.add_k_proj(image)).unflatten(-1, (self.num_heads, -1))
+            v_img = self.add_v_proj(image).unflatten(-1, (self.num_heads, -1))
+            out = out + attention(q, k_img, v_img, **(image_attn or {}))
+        return self.to_out(out.flatten(-2))
+
+
+class ImageProjection(nn.Module):
+    """Wan's MLPProj: image-encoder tokens [B, Li, image_dim] -> [B, Li, dim].
+
+    LayerNorm, Linear, GELU, Linear, LayerNorm; the norms (eps 1e-5, affine) in fp32.
+    """
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.norm1 = LayerNorm(image_dim)
+        self.fc1 = nn.Linear(image_dim, image_dim)
+        self.fc2 = nn.Linear(image_dim, dim)
+        self.norm2 = LayerNorm(dim)
+
+    def forward(self, image: Tensor) -> Tensor:
+        dtype = self.fc1.weight.dtype
+        h = self.fc2(F.gelu(self.fc1(self.norm1(image).to(dtype))))
+        return self.norm2(h).to(dtype)
 
 
 class WanBlock(nn.Module):
-    def __init__(self, dim, ffn_dim, num_heads, qk_norm: bool, cross_attn_norm: bool, eps: float):
+    def __init__(
+        self,
+        dim,
+        ffn_dim,
+        num_heads,
+        qk_norm: bool,
+        cross_attn_norm: bool,
+        eps: float,
+        added_kv_proj_dim: int | None = None,
+    ):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
         self.self_attn = Attention(dim, num_heads, qk_norm, eps)
         self.norm2 = (
             LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
         )
-        self.cross_attn = Attention(dim, num_heads, qk_norm, eps)
+        self.cross_attn = Attention(dim, num_heads, qk_norm, eps, added_kv_proj_dim)
         self.norm3 = LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(
             nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim)
         )
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, e0: Tensor, context: Tensor, rope, layout: TokenLayout) -> Tensor:
-        """x: [B, L, dim] fp32 stream; e0: [S, 6, dim] fp32 shared modulation; context: [B, Lc, dim]."""
+    def forward(
+        self,
+        x: Tensor,
+        e0: Tensor,
+        context: Tensor,
+        rope,
+        layout: TokenLayout,
+        image: Tensor | None = None,
+    ) -> Tensor:
+        """x: [B, L, dim] fp32 stream; e0: [S, 6, dim] fp32 shared modulation; context: [B, Lc, dim];
+        image: [B, Li, dim] embedded image tokens (I2V) or None."""
         dtype = self.ffn[0].weight.dtype
         e = (self.scale_shift_table.float() + e0.float()).unbind(1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
@@ -186,7 +266,9 @@ class WanBlock(nn.Module):
         x = x + self.self_attn(h, rope=rope, **layout.self_attn).float() * gate_msa
 
         h = self.norm2(x).to(dtype)
-        x = x + self.cross_attn(h, context, **layout.cross_attn).float()
+        x = x + self.cross_attn(
+            h, context, image=image, image_attn=layout.image_attn, **layout.cross_attn
+        ).float()
 
         h = modulate(self.norm3(x), shift_mlp, scale_mlp).to(dtype)
         return x + self.ffn(h).float() * gate_mlp
@@ -198,10 +280,12 @@ class WanBlock(nn.Module):
 
 
 class WanDiT(nn.Module):
-    """Wan2.1 text-to-video DiT predicting the flow velocity eps - x0.
+    """Wan2.1 text-to-video (and image-to-video) DiT predicting the flow velocity eps - x0.
 
     Args:
-        in_channels, out_channels: latent channels (16 for the Wan VAE).
+        in_channels, out_channels: patch-embedding input and output channels: 16 (the Wan
+            VAE's latent) for T2V; 36 = 16 noisy + 4 mask + 16 first-frame latent for I2V
+            (``cond_channels = in_channels - out_channels`` conditioning channels).
         patch_size: (pt, ph, pw) patch of the Conv3d patchify.
         dim, ffn_dim, num_heads, num_layers: transformer width / depth.
         text_dim: width of the text-encoder embeddings (4096 for umT5-XXL, 384 for MiniLM).
@@ -209,6 +293,9 @@ class WanDiT(nn.Module):
         qk_norm: RMSNorm on q and k (across heads); cross_attn_norm: LayerNorm before cross-attn.
         eps: norm epsilon. rope_theta: RoPE base.
         attn_backend: "auto", "sdpa", "sdpa_mask", "flex" or "flash_varlen" (see attention.py).
+        image_dim: width of image-encoder tokens (1280 for Wan's CLIP ViT-H/14); None: no image
+            tokens. added_kv_proj_dim: input width of the image keys/values (= dim, the
+            default when image_dim is set; diffusers' name).
     """
 
     def __init__(
@@ -227,8 +314,26 @@ class WanDiT(nn.Module):
         eps: float = 1e-6,
         rope_theta: float = 10000.0,
         attn_backend: str = "auto",
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
     ):
         super().__init__()
+        if in_channels < out_channels:
+            raise ValueError(
+                f"in_channels={in_channels} < out_channels={out_channels}: the input is the noisy "
+                "latent (out_channels) plus any conditioning channels"
+            )
+        if image_dim is not None:
+            added_kv_proj_dim = dim if added_kv_proj_dim is None else added_kv_proj_dim
+            if added_kv_proj_dim != dim:
+                raise ValueError(
+                    f"added_kv_proj_dim={added_kv_proj_dim} must equal dim={dim}: image tokens "
+                    "reach the cross-attention through image_embedding, which outputs dim"
+                )
+        elif added_kv_proj_dim is not None:
+            raise ValueError(
+                f"added_kv_proj_dim={added_kv_proj_dim} without image_dim: set image_dim too"
+            )
         if dim % num_heads or (dim // num_heads) % 2:
             raise ValueError(f"dim={dim} must split into num_heads={num_heads} heads of even size")
         if attn_backend != "auto" and attn_backend not in BACKENDS:
@@ -251,6 +356,10 @@ class WanDiT(nn.Module):
             eps=eps,
             rope_theta=rope_theta,
         )
+        if image_dim is not None:  # stored only for I2V so that T2V configs stay as they were
+            self.config.update(image_dim=image_dim, added_kv_proj_dim=added_kv_proj_dim)
+        self.cond_channels = in_channels - out_channels
+        self.image_dim = image_dim
         self.in_channels, self.out_channels, self.patch_size = in_channels, out_channels, patch_size
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.freq_dim, self.rope_theta = freq_dim, rope_theta
@@ -267,8 +376,9 @@ class WanDiT(nn.Module):
             nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
         )
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.image_embedding = ImageProjection(image_dim, dim) if image_dim else None
         self.blocks = nn.ModuleList(
-            WanBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps)
+            WanBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps, added_kv_proj_dim)
             for _ in range(num_layers)
         )
         self.norm_out = LayerNorm(dim, eps, elementwise_affine=False)
@@ -310,19 +420,28 @@ class WanDiT(nn.Module):
         return F.linear(tokens.to(w.dtype), w, self.patch_embedding.bias).float()
 
     def _run(
-        self, tokens: Tensor, t: Tensor, context: Tensor, positions: Tensor, layout: TokenLayout
+        self,
+        tokens: Tensor,
+        t: Tensor,
+        context: Tensor,
+        positions: Tensor,
+        layout: TokenLayout,
+        image: Tensor | None = None,
     ) -> Tensor:
-        """tokens [B, L, P_in], t [S], context [B, Lc, text_dim], positions [L, 3] -> [B, L, P_out]."""
+        """tokens [B, L, P_in], t [S], context [B, Lc, text_dim], positions [L, 3],
+        image [B, Li, image_dim] or None -> [B, L, P_out]."""
         x = self._embed_patches(tokens)
         temb, e0 = self.embed_time(t)
         dtype = self.proj_out.weight.dtype
         context = self.text_embedding(context.to(dtype))
+        if image is not None:
+            image = self.image_embedding(image)
         rope = rope_cos_sin(positions, self.head_dim, self.rope_theta)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, context, rope, layout, use_reentrant=False)
+                x = checkpoint(block, x, e0, context, rope, layout, image, use_reentrant=False)
             else:
-                x = block(x, e0, context, rope, layout)
+                x = block(x, e0, context, rope, layout, image)
         shift, scale = (self.scale_shift_table.float() + temb[:, None]).unbind(1)
         x = modulate(self.norm_out(x), layout.per_token(shift), layout.per_token(scale))
         return self.proj_out(x.to(dtype))
@@ -330,21 +449,37 @@ class WanDiT(nn.Module):
     # ---- entry points ----
 
     def forward(
-        self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        context_mask: Tensor | None = None,
+        cond: Tensor | None = None,
+        image: Tensor | None = None,
     ) -> Tensor:
         """Padded batch, all samples of one shape.
 
         Args:
-            x: [B, C_in, T, H, W] noisy latents x_t.
+            x: [B, C_out, T, H, W] noisy latents x_t.
             t: [B] flow time in [0, 1].
             context: [B, L, text_dim] text embeddings.
             context_mask: [B, L] bool, True for real text tokens (None = attend to all).
+            cond: [B, cond_channels, T, H, W] I2V conditioning (mask + first-frame latent).
+            image: [B, Li, image_dim] image-encoder tokens (models with image_dim).
         Returns:
             [B, C_out, T, H, W] predicted velocity.
         """
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be [B, {self.in_channels}, T, H, W], got {tuple(x.shape)}")
+        if x.ndim != 5 or x.shape[1] != self.out_channels:
+            raise ValueError(f"x must be [B, {self.out_channels}, T, H, W], got {tuple(x.shape)}")
         batch = x.shape[0]
+        self._check_conditioning(
+            None if cond is None else cond.shape[1:2], None if image is None else image.shape[-1:]
+        )
+        if cond is not None and (cond.shape[0] != batch or cond.shape[2:] != x.shape[2:]):
+            raise ValueError(
+                f"cond must be [B, {self.cond_channels}, T, H, W] like x {tuple(x.shape)}, "
+                f"got {tuple(cond.shape)}"
+            )
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
         if t.shape != (batch,):
             raise ValueError(f"t must be [B]=[{batch}], got {tuple(t.shape)}")
@@ -356,17 +491,18 @@ class WanDiT(nn.Module):
         grid = patch_grid(x.shape, self.patch_size)
         backend = {"backend": self.attn_backend}
         cross = backend if context_mask is None else {**backend, "key_mask": context_mask.bool()}
-        layout = TokenLayout(seg_ids=None, self_attn=backend, cross_attn=cross)
-        out = self._run(
-            patchify(x, self.patch_size), t, context, grid_positions(grid, x.device), layout
-        )
+        layout = TokenLayout(seg_ids=None, self_attn=backend, cross_attn=cross, image_attn=backend)
+        tokens = patchify(x if cond is None else torch.cat([x, cond.to(x)], 1), self.patch_size)
+        out = self._run(tokens, t, context, grid_positions(grid, x.device), layout, image)
         return unpatchify(out, grid, self.patch_size)
 
     def forward_packed(self, packed: PackedBatch) -> list[Tensor]:
         """Packed samples of different shapes and text lengths (see packing.py).
 
-        ``packed.x`` holds the noisy tokens x_t [N, pt*ph*pw*C_in], ``packed.t`` the [S]
-        per-sample times. Returns the S predicted velocities, each [C_out, T_i, H_i, W_i].
+        ``packed.x`` holds the noisy tokens x_t [N, pt*ph*pw*C_out], ``packed.t`` the [S]
+        per-sample times; I2V models also read ``packed.cond`` (conditioning tokens) and
+        ``packed.image`` (image tokens). Returns the S predicted velocities, each
+        [C_out, T_i, H_i, W_i].
         """
         if packed.t is None:
             raise ValueError(
@@ -380,6 +516,11 @@ class WanDiT(nn.Module):
             raise ValueError(
                 f"packed.context must be [M, {self.config['text_dim']}], got {tuple(packed.context.shape)}"
             )
+        pt, ph, pw = self.patch_size
+        self._check_conditioning(
+            None if packed.cond is None else (packed.cond.shape[-1] // (pt * ph * pw),),
+            None if packed.image is None else packed.image.shape[-1:],
+        )
         backend = {"backend": self.attn_backend}
         self_attn = dict(cu_seqlens_q=packed.cu_seqlens, max_seqlen_q=packed.max_seqlen, **backend)
         cross_attn = dict(
@@ -389,9 +530,41 @@ class WanDiT(nn.Module):
             max_seqlen_k=packed.max_seqlen_ctx,
             **backend,
         )
-        layout = TokenLayout(seg_ids=packed.seg_ids, self_attn=self_attn, cross_attn=cross_attn)
-        out = self._run(packed.x[None], packed.t, packed.context[None], packed.positions, layout)
+        image_attn = None
+        if packed.image is not None:
+            image_attn = dict(
+                cu_seqlens_q=packed.cu_seqlens,
+                cu_seqlens_k=packed.cu_seqlens_img,
+                max_seqlen_q=packed.max_seqlen,
+                max_seqlen_k=packed.max_seqlen_img,
+                **backend,
+            )
+        layout = TokenLayout(packed.seg_ids, self_attn, cross_attn, image_attn)
+        tokens = packed.x
+        if packed.cond is not None:  # (pt, ph, pw, C) per token: concatenate along C
+            p = pt * ph * pw
+            tokens = torch.cat(
+                [tokens.unflatten(-1, (p, -1)), packed.cond.to(tokens).unflatten(-1, (p, -1))], -1
+            ).flatten(-2)
+        image = None if packed.image is None else packed.image[None]
+        out = self._run(tokens[None], packed.t, packed.context[None], packed.positions, layout, image)
         return packed.unpack(out[0])
+
+    def _check_conditioning(self, cond_channels: tuple | None, image_dim: tuple | None):
+        """I2V inputs present exactly when the model takes them, with the right widths."""
+        given = 0 if cond_channels is None else int(cond_channels[0])
+        if given != self.cond_channels:
+            raise ValueError(
+                f"this model takes {self.cond_channels} conditioning channels (in_channels="
+                f"{self.in_channels} - out_channels={self.out_channels}), got cond with {given}"
+                + (" (cond=None)" if cond_channels is None else "")
+            )
+        width = None if image_dim is None else int(image_dim[0])
+        if width != self.image_dim:
+            raise ValueError(
+                f"this model takes image tokens of width image_dim={self.image_dim}, got "
+                + ("none" if width is None else f"width {width}")
+            )
 
     def _check_context(self, context: Tensor, batch: int):
         text_dim = self.config["text_dim"]

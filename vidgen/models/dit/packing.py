@@ -100,6 +100,9 @@ class PackedBatch:
     weight: [S] per-sample loss weights.
     grids: (T', H', W') per sample; patch_size; budget: the token budget it was packed to.
     meta: the other keys of each sample (e.g. "key", "caption"), passed through untouched.
+    cond: [N, pt*ph*pw*C_cond] I2V conditioning tokens (mask + first-frame latent), laid out
+        like x, or None. image: [M_img, D_img] image-encoder tokens of all samples, or None;
+        cu_seqlens_img [S+1] int32 / max_seqlen_img: their offsets and longest run.
     """
 
     x: Tensor
@@ -116,6 +119,10 @@ class PackedBatch:
     patch_size: tuple[int, int, int]
     budget: int
     meta: list[dict] = field(default_factory=list)
+    cond: Tensor | None = None
+    image: Tensor | None = None
+    cu_seqlens_img: Tensor | None = None
+    max_seqlen_img: int = 0
 
     @property
     def num_samples(self) -> int:
@@ -170,23 +177,27 @@ class PackedBatch:
         )
 
 
+PACKED_KEYS = ("latent", "context", "t", "weight", "cond", "image")  # the rest goes to meta
+
+
 def collate_packed(
     samples: Sequence[dict], patch_size: Sequence[int], max_tokens: int
 ) -> PackedBatch:
     """Concatenate ``samples`` (which must fit in ``max_tokens``) into one PackedBatch.
 
     Each sample is a dict with ``latent`` [C, T, H, W], ``context`` [L, D] (L >= 1),
-    optional ``t`` (float, all or none of the samples) and ``weight`` (float, default 1).
+    optional ``t`` (float, all or none of the samples) and ``weight`` (float, default 1);
+    for image-to-video also ``cond`` [C_cond, T, H, W] and ``image`` [Li, D_img] (each all
+    or none of the samples).
     """
     if not samples:
         raise ValueError("collate_packed needs at least one sample")
     patch_size = tuple(int(p) for p in patch_size)
-    with_t = ["t" in s for s in samples]
-    if any(with_t) and not all(with_t):
-        raise ValueError(
-            "either every sample carries a timestep 't' or none does (the trainer samples them)"
-        )
-    xs, positions, contexts, grids, metas = [], [], [], [], []
+    for key, why in (("t", "the trainer samples them"), ("cond", "I2V"), ("image", "I2V")):
+        if len({key in s for s in samples}) > 1:
+            raise ValueError(f"either every sample carries {key!r} or none does ({why})")
+    with_t = "t" in samples[0]
+    xs, positions, contexts, grids, metas, conds = [], [], [], [], [], []
     for i, s in enumerate(samples):
         latent, context = s["latent"], s["context"]
         if latent.ndim != 4:
@@ -196,11 +207,18 @@ def collate_packed(
                 f"sample {i}: context must be [L, D] with L >= 1, got {tuple(context.shape)}"
             )
         grid = patch_grid(latent.shape, patch_size)
+        if "cond" in s:
+            if s["cond"].ndim != 4 or s["cond"].shape[1:] != latent.shape[1:]:
+                raise ValueError(
+                    f"sample {i}: cond must be [C, T, H, W] with the latent's T, H, W "
+                    f"{tuple(latent.shape[1:])}, got {tuple(s['cond'].shape)}"
+                )
+            conds.append(patchify(s["cond"], patch_size))
         xs.append(patchify(latent, patch_size))
         positions.append(grid_positions(grid, latent.device))
         contexts.append(context)
         grids.append(grid)
-        metas.append({k: v for k, v in s.items() if k not in ("latent", "context", "t", "weight")})
+        metas.append({k: v for k, v in s.items() if k not in PACKED_KEYS})
     if len({x.shape[1] for x in xs}) != 1 or len({c.shape[1] for c in contexts}) != 1:
         raise ValueError(
             f"samples disagree on latent channels {sorted({x.shape[1] for x in xs})} (tokens) "
@@ -213,6 +231,12 @@ def collate_packed(
             f"samples hold {int(lengths.sum())} tokens, more than the budget max_tokens={max_tokens}"
         )
     device = xs[0].device
+    images = [s["image"] for s in samples] if "image" in samples[0] else None
+    if images and (any(im.ndim != 2 for im in images) or len({im.shape[1] for im in images}) > 1):
+        raise ValueError(
+            f"image tokens must be [L, D] of one width D, got {[tuple(im.shape) for im in images]}"
+        )
+    image_lengths = torch.tensor([im.shape[0] for im in images]) if images else None
     return PackedBatch(
         x=torch.cat(xs),
         positions=torch.cat(positions),
@@ -222,12 +246,18 @@ def collate_packed(
         context=torch.cat(contexts),
         cu_seqlens_ctx=F.pad(text_lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32),
         max_seqlen_ctx=int(text_lengths.max()),
-        t=torch.tensor([float(s["t"]) for s in samples], device=device) if all(with_t) else None,
+        t=torch.tensor([float(s["t"]) for s in samples], device=device) if with_t else None,
         weight=torch.tensor([float(s.get("weight", 1.0)) for s in samples], device=device),
         grids=grids,
         patch_size=patch_size,
         budget=int(max_tokens),
         meta=metas,
+        cond=torch.cat(conds) if conds else None,
+        image=torch.cat(images) if images else None,
+        cu_seqlens_img=None
+        if images is None
+        else F.pad(image_lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32),
+        max_seqlen_img=int(image_lengths.max()) if images else 0,
     )
 
 
