@@ -199,9 +199,13 @@ def test_on_the_fly_video_mode_encodes_and_packs(tmp_path, setup, synthetic_data
 
 
 def test_model_and_latent_mismatch_is_a_clear_error(tmp_path, setup):
-    with pytest.raises(ValueError, match=r"model.dit.in_channels=16 .* latent channels 4"):
+    with pytest.raises(ValueError, match=r"model.dit.out_channels=16 .* latent channels 4"):
         train(_cfg(tmp_path / "r", setup, "demo/dit_stage1", "model.dit.in_channels=16",
                    "model.dit.out_channels=16", "trainer.max_steps=1"))
+    # an image-to-video DiT on text-to-video latents
+    with pytest.raises(ValueError, match=r"in_channels=12 \(image-to-video\).*no first-frame condition"):
+        train(_cfg(tmp_path / "r2", setup, "demo/dit_stage1", "model.dit.in_channels=12",
+                   "trainer.max_steps=1"))
 
 
 def test_vae_stats_were_applied(setup):

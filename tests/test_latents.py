@@ -187,7 +187,9 @@ def test_encoded_latent_equals_normalized_posterior_mean(tmp_path, shards, vae_d
             expected = v.normalize(v.encode(batch["video"])[0])
         emb = trim_padding(*text_encoder.encode(batch["caption"]))
         for i, key in enumerate(batch["key"]):
-            latent, text = decode_sample(stored[key]["safetensors"])
+            tensors = decode_sample(stored[key]["safetensors"])
+            latent, text = tensors["latent"], tensors["text"]
+            assert sorted(tensors) == ["latent", "text"]  # text-to-video: no I2V condition
             torch.testing.assert_close(latent, expected[i], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(text, emb[i], atol=2e-3, rtol=2e-3)  # stored float16
             meta = json.loads(stored[key]["json"])

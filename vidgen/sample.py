@@ -3,6 +3,7 @@
     python -m vidgen.sample ckpt=outputs/dit_stage2/<run> prompt="a red circle moves left" \
         num_frames=17 height=64 width=64 [steps=30 solver=heun cfg_scale=5 seed=0 out=samples/]
     python -m vidgen.sample ckpt=<run> 'prompt=[a red circle, a blue square]'   # several
+    python -m vidgen.sample ckpt=<i2v run> image=first.png prompt="..." [image_cfg_scale=1.5]
 
 ``ckpt`` is a DiT run folder (uses its exported ``dit/``), a ``dit/`` folder or a ``.ckpt``;
 the run's ``dit/pipeline.json`` names the VAE and text encoder it was trained with, so
@@ -15,6 +16,13 @@ Function API (evaluation uses it)::
 
     videos = generate(dit, vae, text_encoder, captions, num_frames=17, height=64, width=64,
                       steps=30, solver="euler", cfg_scale=5.0, seed=0)   # [B, 3, T, H, W] in [-1, 1]
+
+Image-to-video (a DiT with conditioning channels, trained with ``experiment=dit/i2v``):
+``image=`` (png / jpg, or a list, one per prompt) is resized to cover height x width and
+centre-cropped, then becomes the first frame of the Wan2.1 condition (``vidgen.i2v``); the
+run's image encoder (pipeline.json) adds its tokens. Guidance on both (``i2v_cfg_model_fn``):
+``cfg_scale`` on the text, ``image_cfg_scale`` on the image (1.0: Wan2.1's guidance, image in
+both branches).
 
 Sample i starts from noise drawn on the CPU with seed ``seed + i``, so a video does not depend
 on the batch it was generated in nor on the device. The unconditional branch of
@@ -35,7 +43,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vidgen.diffusion import SAMPLERS, cfg_model_fn, resolution_shift, timesteps_schedule
+from vidgen.diffusion import (
+    SAMPLERS,
+    cfg_model_fn,
+    i2v_cfg_model_fn,
+    resolution_shift,
+    timesteps_schedule,
+)
 
 PIPELINE_NAME = "pipeline.json"
 
@@ -74,13 +88,19 @@ def generate_latents(
     cfg_scale: float = 5.0,
     shift: float = 1.0,
     seed: int = 0,
+    cond: Tensor | None = None,
+    image: Tensor | None = None,
+    image_cfg_scale: float = 1.0,
 ) -> Tensor:
     """Integrate the flow ODE from noise to latents for each caption embedding.
 
     Args:
-        dit: a WanDiT (or any model_fn(x, t, context, context_mask)).
+        dit: a WanDiT (or any model_fn(x, t, context, context_mask[, cond, image])).
         texts: B caption embeddings [L_i, D]; empty_text: [L0, D] for the CFG branch.
         latent_shape: (C, T, h, w) of every sample (normalised latent space).
+        cond: [B, C_cond, T, h, w] I2V condition (``vidgen.i2v.encode_condition``), or None.
+        image: [B, Li, D_img] image-encoder tokens, or None. image_cfg_scale: guidance on
+            the image (with cond; 1.0 keeps the image in every branch, as Wan2.1 does).
     Returns:
         [B, C, T, h, w] normalised latents (apply ``vae.denormalize`` before decoding).
     """
@@ -95,10 +115,21 @@ def generate_latents(
     x = torch.stack(noise).to(device)
     context, mask = pad_texts([t.to(device) for t in texts])
     uncond = empty_text.to(device)[None].expand(len(texts), -1, -1)
-    model_fn = cfg_model_fn(
-        dit, cond={"context": context, "context_mask": mask}, uncond={"context": uncond},
-        scale=float(cfg_scale),
-    )
+    if cond is None:
+        model_fn = cfg_model_fn(
+            dit, cond={"context": context, "context_mask": mask}, uncond={"context": uncond},
+            scale=float(cfg_scale),
+        )
+    else:
+        from vidgen.i2v import drop_condition
+
+        given = dict(cond=cond.to(device), image=None if image is None else image.to(device))
+        dropped = dict(zip(("cond", "image"), drop_condition(given["cond"], given["image"])))
+        model_fn = i2v_cfg_model_fn(
+            dit, full={"context": context, "context_mask": mask, **given},
+            image_only={"context": uncond, **given}, neither={"context": uncond, **dropped},
+            text_scale=float(cfg_scale), image_scale=float(image_cfg_scale),
+        )
     ts = timesteps_schedule(steps, shift, device=device)
     return SAMPLERS[solver](model_fn, x, ts).float()
 
@@ -134,9 +165,16 @@ def generate(
     shift: float | None = None,
     negative_prompt: str = "",
     flow: dict | None = None,
+    images: Tensor | None = None,
+    image_encoder=None,
+    image_cfg_scale: float = 1.0,
 ) -> Tensor:
-    """Text to video: [B, 3, num_frames, height, width] in [-1, 1] (float32, on the DiT's device).
+    """Text (and image) to video: [B, 3, num_frames, height, width] in [-1, 1] (float32, on the
+    DiT's device).
 
+    ``images``: [B, 3, height, width] in [-1, 1], the first frames of an I2V DiT (required
+    exactly when the DiT has conditioning channels); ``image_encoder`` gives their tokens
+    (required exactly when the DiT has ``image_dim``).
     ``num_frames`` must be a length the VAE decodes to (1 + 4k for the Wan VAE; the error
     names the nearest valid ones), height / width multiples of VAE compression x patch size.
     ``shift``: schedule shift; None derives it from the training ``flow`` settings (see
@@ -145,10 +183,11 @@ def generate(
     if isinstance(captions, str) or not captions:
         raise ValueError("captions must be a non-empty list of strings")
     latent_shape = vae.latent_shape(num_frames, height, width)  # validates the frame count
-    if latent_shape[0] != dit.in_channels:
+    if latent_shape[0] != dit.out_channels:
         raise ValueError(
-            f"the VAE makes {latent_shape[0]}-channel latents but the DiT expects {dit.in_channels}"
+            f"the VAE makes {latent_shape[0]}-channel latents but the DiT expects {dit.out_channels}"
         )
+    cond, tokens = i2v_inputs(dit, vae, image_encoder, images, len(captions), num_frames, height, width)
     check_latent_grid(latent_shape, dit.patch_size, height, width, vae)
     if text_encoder.dim != dit.config["text_dim"]:
         raise ValueError(
@@ -164,11 +203,53 @@ def generate(
         shift = sampling_shift(flow, tokens)
     z = generate_latents(
         dit, texts[:-1], texts[-1], latent_shape, steps=steps, solver=solver,
-        cfg_scale=cfg_scale, shift=shift, seed=seed,
+        cfg_scale=cfg_scale, shift=shift, seed=seed, cond=cond, image=tokens,
+        image_cfg_scale=image_cfg_scale,
     )
     vae_device = next(vae.parameters()).device
     video = vae.decode(vae.denormalize(z.to(vae_device)))
     return video.float().clamp(-1, 1)
+
+
+def i2v_inputs(dit, vae, image_encoder, images, batch, num_frames, height, width):
+    """(cond, image tokens) of the first frames ``images`` for an I2V DiT; (None, None) for T2V."""
+    if not dit.cond_channels:
+        if images is not None:
+            raise ValueError("image= given but this DiT is text-to-video (no conditioning channels)")
+        return None, None
+    if images is None:
+        raise ValueError("this DiT is image-to-video: pass image=<png | jpg> (the first frame)")
+    if tuple(images.shape) != (batch, 3, height, width):
+        raise ValueError(f"images must be [B={batch}, 3, {height}, {width}], got {tuple(images.shape)}")
+    if (image_encoder is None) != (dit.image_dim is None):
+        raise ValueError(f"this DiT takes image tokens of width {dit.image_dim}; image encoder: "
+                         f"{'none' if image_encoder is None else image_encoder.dim}")
+    from vidgen.i2v import encode_condition
+
+    vae_device = next(vae.parameters()).device
+    video = images.to(vae_device).float()[:, :, None].expand(-1, -1, num_frames, -1, -1)
+    cond = encode_condition(vae, video)
+    if cond.shape[1] != dit.cond_channels:
+        raise ValueError(f"the VAE makes a {cond.shape[1]}-channel condition, the DiT takes "
+                         f"{dit.cond_channels}")
+    tokens = None if image_encoder is None else image_encoder.encode(images.to(vae_device))
+    return cond, tokens
+
+
+def load_image(path: str | os.PathLike, height: int, width: int) -> Tensor:
+    """A png / jpg resized to cover height x width and centre-cropped: [3, height, width] in [-1, 1]."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path} not found")
+    img = Image.open(path).convert("RGB")
+    scale = max(height / img.height, width / img.width)
+    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    img = img.resize(size, Image.BICUBIC)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    img = img.crop((left, top, left + width, top + height))
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float()
+    return x / 127.5 - 1
 
 
 def to_uint8_frames(video: Tensor) -> np.ndarray:
@@ -255,10 +336,27 @@ def run(cfg) -> list[str]:
                        allow_mismatch=cfg.allow_latent_stats_mismatch)
     dit = load_dit(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
     text_encoder = build_text_encoder(encoder_name, device=device)
+    images, image_encoder, image_paths = None, None, []
+    if cfg.image:
+        image_paths = [cfg.image] if isinstance(cfg.image, str) else list(cfg.image)
+        if len(image_paths) == 1:
+            image_paths = image_paths * len(prompts)
+        if len(image_paths) != len(prompts):
+            raise ValueError(f"{len(image_paths)} images for {len(prompts)} prompts: give one, or one per prompt")
+        images = torch.stack([load_image(p, cfg.height, cfg.width) for p in image_paths]).to(device)
+        if dit.image_dim is not None:
+            from vidgen.image_encoder import build_image_encoder
+
+            name = cfg.image_encoder or (pipeline.get("i2v") or {}).get("image_encoder")
+            if not name:
+                raise ValueError(f"this DiT takes image tokens: pass image_encoder=<CLIP vision dir> "
+                                 f"(ckpt={cfg.ckpt} records none)")
+            image_encoder = build_image_encoder(name, device=device)
     videos = generate(
         dit, vae, text_encoder, prompts, cfg.num_frames, cfg.height, cfg.width, steps=cfg.steps,
         solver=cfg.solver, cfg_scale=cfg.cfg_scale, seed=cfg.seed, shift=cfg.shift,
-        negative_prompt=cfg.negative_prompt, flow=pipeline.get("flow"),
+        negative_prompt=cfg.negative_prompt, flow=pipeline.get("flow"), images=images,
+        image_encoder=image_encoder, image_cfg_scale=cfg.image_cfg_scale,
     )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -274,6 +372,8 @@ def run(cfg) -> list[str]:
             height=cfg.height, width=cfg.width, fps=cfg.fps, checkpoint=str(Path(cfg.ckpt).resolve()),
             vae=str(vae_path), text_encoder=str(encoder_name), flow=pipeline.get("flow"),
         )
+        if images is not None:
+            sidecar.update(image=str(Path(image_paths[i]).resolve()), image_cfg_scale=cfg.image_cfg_scale)
         path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
         paths.append(str(path))
         print(path)

@@ -20,6 +20,12 @@ Caption dropout (classifier-free guidance): with probability ``cfg_dropout`` a s
 text embedding is replaced by the empty-caption embedding stored with the latents
 (``empty_caption.safetensors``), the same one sampling uses for the unconditional branch.
 
+Image-to-video latents (``encode_latents i2v=true``; ``latents_info.json`` then holds ``i2v``):
+each sample also carries ``cond`` (the stored first-frame latent with the first-frame mask
+put in front, ``vidgen.i2v.with_mask``) and, when an image encoder was set, ``image`` tokens.
+With probability ``image_dropout`` (drawn independently of the caption's) both become zeros:
+the image-unconditional input that image guidance at sampling time uses.
+
 Streams, epochs, resume: ``vidgen.data.streams``, shared with the video pipeline. With
 ``resampled=True`` each stream draws shards with replacement from its own RNG seeded by
 (seed, rank, worker, epoch); ``batches_per_epoch`` batches per rank are split exactly among
@@ -62,6 +68,7 @@ from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreada
 from vidgen.data.shards import expand_shards
 from vidgen.data.sources import Source, count_sources, parse_sources
 from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
+from vidgen.i2v import drop_condition, with_mask
 from vidgen.models.dit.packing import PackingBuffer
 
 log = logging.getLogger(__name__)
@@ -79,15 +86,22 @@ _MAX_REJECTED = 10000
 # --------------------------------------------------------------------------------------
 
 
-def encode_sample(latent: torch.Tensor, text: torch.Tensor) -> bytes:
-    """The ``{key}.safetensors`` member: latent [C, t, h, w] and text [L, D] (already cast)."""
-    return st_save({"latent": latent.contiguous().cpu(), "text": text.contiguous().cpu()})
+def encode_sample(
+    latent: torch.Tensor,
+    text: torch.Tensor,
+    cond: torch.Tensor | None = None,
+    image: torch.Tensor | None = None,
+) -> bytes:
+    """The ``{key}.safetensors`` member: latent [C, t, h, w] and text [L, D] (already cast);
+    for image-to-video also ``cond`` [C, t, h, w], the normalised latent of the first frame
+    followed by zero frames, and ``image`` [Li, Di], the image encoder's tokens of that frame."""
+    tensors = {"latent": latent, "text": text, "cond": cond, "image": image}
+    return st_save({k: v.contiguous().cpu() for k, v in tensors.items() if v is not None})
 
 
-def decode_sample(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of ``encode_sample``: (latent [C, t, h, w], text [L, D]) as float32."""
-    tensors = st_load(data)
-    return tensors["latent"].float(), tensors["text"].float()
+def decode_sample(data: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of ``encode_sample``: {"latent", "text"[, "cond", "image"]} as float32."""
+    return {k: v.float() for k, v in st_load(data).items()}
 
 
 def load_empty_caption(folder: str | os.PathLike) -> torch.Tensor:
@@ -175,6 +189,8 @@ class LatentShardDataset(ShardStream):
         world_size: int = 1,
         retry: ShardRetry | None = None,
         sources: list[Source] | None = None,
+        i2v: Mapping | None = None,
+        image_dropout: float = 0.0,
     ):
         super().__init__(
             shards, resampled=resampled, batches_per_epoch=batches_per_epoch, seed=seed,
@@ -185,6 +201,14 @@ class LatentShardDataset(ShardStream):
             raise ValueError(f"cfg_dropout must be in [0, 1], got {cfg_dropout}")
         if cfg_dropout > 0 and empty_text is None:
             raise ValueError("cfg_dropout > 0 needs the empty-caption embedding (empty_text)")
+        if not 0.0 <= image_dropout <= 1.0:
+            raise ValueError(f"image_dropout must be in [0, 1], got {image_dropout}")
+        if image_dropout > 0 and not i2v:
+            raise ValueError(
+                f"image_dropout={image_dropout} but these latents carry no image condition "
+                "(encode them with encode_latents i2v=true)"
+            )
+        self.i2v, self.image_dropout = (dict(i2v) if i2v else None), image_dropout
         if len(stages) > 1 and (not resampled or batches_per_epoch is None):
             raise ValueError("a schedule needs resampled=True and batches_per_epoch set")
         self.patch_size, self.stages = tuple(patch_size), stages
@@ -200,7 +224,7 @@ class LatentShardDataset(ShardStream):
             samples = self.mixed(shard_ss, source_ss, lambda urls, src: self._samples(urls, src.name))
         if self.resampled and self.shuffle_buffer > 1:
             samples = shuffled(samples, self.shuffle_buffer, np.random.default_rng(shuffle_ss))
-        if self.cfg_dropout > 0:
+        if self.cfg_dropout > 0 or self.image_dropout > 0:
             samples = self._dropout(samples, np.random.default_rng(drop_ss))
         pack_seed = int(pack_ss.generate_state(1)[0])
 
@@ -259,8 +283,11 @@ class LatentShardDataset(ShardStream):
 
     def _dropout(self, samples, rng: np.random.Generator) -> Iterator[dict]:
         for s in samples:
-            if rng.random() < self.cfg_dropout:
+            if self.cfg_dropout > 0 and rng.random() < self.cfg_dropout:
                 s = dict(s, context=self.empty_text, dropped=True)
+            if self.image_dropout > 0 and rng.random() < self.image_dropout:
+                cond, image = drop_condition(s["cond"], s.get("image"))
+                s = dict(s, cond=cond, image_dropped=True, **({} if image is None else {"image": image}))
             yield s
 
     def _samples(self, urls: Iterator[str], source: str | None = None) -> Iterator[dict]:
@@ -271,16 +298,18 @@ class LatentShardDataset(ShardStream):
             for raw in self._read_shard(url, unreadable):
                 key = raw.get("__key__", "?")
                 try:
-                    latent, context = decode_sample(raw["safetensors"])
+                    tensors = decode_sample(raw["safetensors"])
                     meta = json.loads(raw["json"])
                     caption = raw["txt"].decode("utf-8")
+                    sample = dict(latent=tensors["latent"], context=tensors["text"], key=key,
+                                  caption=caption, bucket=str(meta.get("bucket")), source=source)
+                    sample.update(self._condition(tensors))
                 except Exception as exn:  # noqa: BLE001 - any broken member is the same skip
                     self._skipped += 1
                     log.warning("vidgen.data.latents: skipping %s:%s: %s", url, key, exn)
                     continue
                 got += 1
-                yield dict(latent=latent, context=context, key=key, caption=caption,
-                           bucket=str(meta.get("bucket")), source=source)
+                yield sample
             if got:
                 empty_run = 0
                 unreadable.clear()
@@ -292,6 +321,18 @@ class LatentShardDataset(ShardStream):
                     f"{empty_run} consecutive shard reads{of} gave no usable latent sample "
                     f"({len(self.shards)} shard(s), e.g. {self.shards[0]}). {unreadable_summary(unreadable)}"
                 )
+
+    def _condition(self, tensors: dict) -> dict:
+        """The I2V inputs of a decoded sample: {cond[, image]} ({} for text-to-video latents)."""
+        if self.i2v is None:
+            return {}
+        if "cond" not in tensors or (self.i2v.get("image_dim") is not None) != ("image" in tensors):
+            raise ValueError(f"an image-to-video sample needs 'cond' and, with an image encoder, "
+                             f"'image'; it holds {sorted(tensors)}")
+        out = dict(cond=with_mask(tensors["cond"], int(self.i2v["temporal"])))
+        if "image" in tensors:
+            out["image"] = tensors["image"]
+        return out
 
     def _read_shard(self, url: str, unreadable: dict) -> Iterator[dict]:
         """Raw samples of one shard (retried as ``self.retry`` says); an unreadable shard
@@ -334,7 +375,7 @@ def read_latents_info(shards: Sequence[str]) -> dict:
             )
         infos.append(dict(json.loads(path.read_text()), folder=folder))
     for other in infos[1:]:
-        for key in ("vae_config", "text_encoder", "text_dim"):
+        for key in ("vae_config", "text_encoder", "text_dim", "i2v"):
             if other.get(key) != infos[0].get(key):
                 raise ValueError(
                     f"latent folders {infos[0]['folder']} and {other['folder']} disagree on {key}: "
@@ -343,8 +384,8 @@ def read_latents_info(shards: Sequence[str]) -> dict:
     return infos[0]
 
 
-_TRAIN_KEYS = {"shards", "sources", "max_tokens", "buckets", "schedule", "cfg_dropout", "shuffle_buffer",
-               "pack_buffer", "min_efficiency", "resampled", "batches_per_epoch"}
+_TRAIN_KEYS = {"shards", "sources", "max_tokens", "buckets", "schedule", "cfg_dropout", "image_dropout",
+               "shuffle_buffer", "pack_buffer", "min_efficiency", "resampled", "batches_per_epoch"}
 _VAL_KEYS = {"shards", "max_tokens", "buckets", "pack_buffer", "min_efficiency"}
 
 
@@ -353,7 +394,7 @@ class LatentDataModule(L.LightningDataModule):
 
     Args:
         train: shards, max_tokens (token budget per packed sequence), buckets (None: all),
-            schedule (see module doc), cfg_dropout, shuffle_buffer, pack_buffer (samples held
+            schedule (see module doc), cfg_dropout, image_dropout (I2V latents), shuffle_buffer, pack_buffer (samples held
             for packing), min_efficiency (fill a sequence needs to leave the buffer),
             resampled, batches_per_epoch (per rank).
         val: shards, max_tokens, buckets, pack_buffer, min_efficiency; or None.
@@ -439,7 +480,8 @@ class LatentDataModule(L.LightningDataModule):
             batches_per_epoch=k.get("batches_per_epoch"), seed=self.seed,
             rank=env_rank if rank is None else rank,
             world_size=env_world if world_size is None else world_size, retry=self.shard_retry,
-            sources=self.train_sources,
+            sources=self.train_sources, i2v=self.info.get("i2v"),
+            image_dropout=k.get("image_dropout", 0.0),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -457,6 +499,7 @@ class LatentDataModule(L.LightningDataModule):
             stages=parse_schedule(k["max_tokens"], k.get("buckets"), None), empty_text=None,
             pack_buffer=k.get("pack_buffer", 64), min_efficiency=k.get("min_efficiency", 0.9),
             resampled=False, seed=self.seed, rank=0, world_size=1, retry=self.shard_retry,
+            i2v=read_latents_info(expand_shards(k["shards"])).get("i2v"),
         )
         return self._loader(dataset, lambda: (0, 0))
 

@@ -8,11 +8,19 @@ from .flow import (
     shift_timesteps,
     velocity_target,
 )
-from .sampling import SAMPLERS, cfg_model_fn, sample_euler, sample_heun, timesteps_schedule
+from .sampling import (
+    SAMPLERS,
+    cfg_model_fn,
+    i2v_cfg_model_fn,
+    sample_euler,
+    sample_heun,
+    timesteps_schedule,
+)
 
 __all__ = [
     "SAMPLERS",
     "cfg_model_fn",
+    "i2v_cfg_model_fn",
     "flow_loss",
     "interpolate",
     "resolution_shift",

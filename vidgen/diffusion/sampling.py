@@ -102,3 +102,34 @@ def cfg_model_fn(model_fn: ModelFn, cond: dict, uncond: dict, scale: float) -> M
         return v_uncond + scale * (v_cond - v_uncond)
 
     return guided
+
+
+def i2v_cfg_model_fn(
+    model_fn: ModelFn,
+    full: dict,
+    image_only: dict,
+    neither: dict,
+    text_scale: float,
+    image_scale: float,
+) -> ModelFn:
+    """Guidance on text and image (InstructPix2Pix's two-scale form) for image-to-video:
+
+        v = v_neither + image_scale * (v_image - v_neither) + text_scale * (v_full - v_image)
+
+    full / image_only / neither: keyword arguments of the three branches (text and image;
+    image with the empty caption; empty caption and dropped image). ``image_scale = 1`` is
+    Wan2.1's guidance (the image stays in both branches; the ``neither`` call is skipped);
+    both scales 1 is one call per step.
+    """
+
+    def guided(x: Tensor, t: Tensor, **extra_args) -> Tensor:
+        v = model_fn(x, t, **extra_args, **full)
+        if text_scale == 1.0 and image_scale == 1.0:
+            return v
+        v_image = model_fn(x, t, **extra_args, **image_only)
+        v = v_image + text_scale * (v - v_image)
+        if image_scale != 1.0:
+            v = v + (image_scale - 1.0) * (v_image - model_fn(x, t, **extra_args, **neither))
+        return v
+
+    return guided

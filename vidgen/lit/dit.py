@@ -29,6 +29,17 @@ set, else the first latent channels) in ``<run>/samples/``. At the end of traini
 (EMA weights when EMA is on) is exported to ``<run>/dit/`` with ``pipeline.json`` naming the
 VAE and text encoder, which is all ``python -m vidgen.sample ckpt=<run>`` needs.
 
+Image-to-video (``experiment=dit/i2v``): a DiT with conditioning channels (``dit.in_channels``
+= 16 + 4 + 16) and, with an image encoder, ``dit.image_dim``. Each sample carries its first-frame
+condition and image tokens (stored by ``encode_latents i2v=true``, or computed here from the
+clip in the on-the-fly mode), dropped for image guidance with probability ``image_dropout``
+(latents: ``data.train.image_dropout``) independently of the caption. ``init_from`` a
+text-to-video DiT expands it (``vidgen.i2v.expand_t2v``): the new input channels and image
+values start at zero, so training starts from exactly the T2V model's predictions. The loss
+covers every latent frame, the conditioning one included: its target is the velocity towards
+the given frame's latent, which the model reads from ``cond``, so it is easy but it keeps the
+first frame's prediction consistent with the rest of the clip at every t (as Wan trains).
+
 FSDP2: under Lightning's ``ModelParallelStrategy`` (``trainer=fsdp2``) ``configure_model`` shards
 every block, then the root, over all ranks (``fully_shard``); EMA shadows are sharded like
 the parameters and gathered one tensor at a time for checkpoints and the export.
@@ -44,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 
@@ -64,6 +76,23 @@ def build_dit(size: str | None, dit: dict) -> WanDiT:
     """A WanDiT from a preset (``size``) plus keyword overrides; None values mean "preset's"."""
     kwargs = {k: v for k, v in dict(dit).items() if v is not None}
     return build_wan_dit(size, **kwargs) if size else WanDiT(**kwargs)
+
+
+def init_weights_from(dit: WanDiT, init_from: str, trust: bool = False) -> None:
+    """Load an earlier stage's DiT into ``dit``: the same config, or a text-to-video DiT that
+    ``dit`` (image-to-video, otherwise the same) expands (``vidgen.i2v.expand_t2v``)."""
+    from vidgen.i2v import expand_t2v
+
+    src = load_dit(init_from, trust=trust)
+    ours = dict(dit.config)
+    if src.config != ours and src.cond_channels == 0 and dit.cond_channels > 0:
+        src = expand_t2v(src, cond_channels=dit.cond_channels, image_dim=dit.image_dim)
+    if src.config != ours:
+        diff = {k: (src.config.get(k), ours.get(k)) for k in {*src.config, *ours}
+                if ours.get(k) != src.config.get(k)}
+        raise ValueError(f"init_from={init_from}: its DiT differs from this model's config as "
+                         f"(theirs, ours): {diff}")
+    dit.load_state_dict(src.state_dict())
 
 
 def load_dit(path: str | os.PathLike, prefer_ema: bool = True, trust: bool = False) -> WanDiT:
@@ -123,6 +152,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         run code: README, Trust).
     text_encoder: encoder for on-the-fly mode (latent shards carry their own embeddings).
     cfg_dropout, max_tokens: caption dropout and packing budget of the on-the-fly mode.
+    image_encoder, image_dropout: I2V, on-the-fly mode: the CLIP vision directory giving image
+        tokens (None / "none": latent condition only) and the image-condition dropout.
     val: num_samples, steps, solver, cfg_scale, timesteps (fixed validation loss times).
     fsdp: param_dtype (None | "bfloat16"), reduce_dtype, reshard_after_forward (FSDP2 only).
     allow_identity_latent_stats, allow_latent_stats_mismatch: opt-outs of the latent-statistics
@@ -152,6 +183,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         seed: int = 0,
         allow_identity_latent_stats: bool = False,
         allow_latent_stats_mismatch: bool = False,
+        image_encoder: str | None = None,
+        image_dropout: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -163,13 +196,9 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             )
         self.dit = build_dit(size, dit)
         if init_from:
-            src = load_dit(init_from, trust=trust_checkpoint)
-            if src.config != self.dit.config:
-                diff = {k: (v, self.dit.config.get(k)) for k, v in src.config.items()
-                        if self.dit.config.get(k) != v}
-                raise ValueError(f"init_from={init_from}: its DiT differs from this model's "
-                                 f"config as (theirs, ours): {diff}")
-            self.dit.load_state_dict(src.state_dict())
+            init_weights_from(self.dit, init_from, trust=trust_checkpoint)
+        if not 0.0 <= image_dropout <= 1.0:
+            raise ValueError(f"model.image_dropout must be in [0, 1], got {image_dropout}")
         self.dit.gradient_checkpointing = activation_checkpointing
         self.flow = _checked("flow", flow, FLOW_DEFAULTS)
         if self.flow["timestep_mode"] not in TIMESTEP_MODES:
@@ -211,7 +240,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         identity = dict(allow=self.hparams.allow_identity_latent_stats,
                         knob="model.allow_identity_latent_stats")
         if info is not None:  # precomputed latents
-            checks = [("dit.in_channels", cfg["in_channels"], info["vae_config"]["z_dim"], "latent channels"),
+            self._check_i2v_latents(info)
+            checks = [("dit.out_channels", cfg["out_channels"], info["vae_config"]["z_dim"], "latent channels"),
                       ("dit.text_dim", cfg["text_dim"], info["text_dim"], f"{info['text_encoder']} text width"),
                       ("dit.patch_size", list(cfg["patch_size"]), list(dm.patch_size), "data.patch_size")]
             for knob, ours, theirs, what in checks:
@@ -237,11 +267,43 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
                                  "model.vae_path=<VAE folder | run folder> (or use data=latents)")
             stats = stats_of(self._vae())
             check_not_identity(stats, self.hparams.vae_path, **identity)
+            if self.dit.cond_channels:
+                encoder = self._image_encoder()
+                i2v = dict(temporal=int(self._vae().temporal_compression),
+                           image_dim=None if encoder is None else int(encoder.dim))
+                self._check_i2v_latents(dict(i2v=i2v, folder=f"model.vae_path={self.hparams.vae_path}"))
             source = f"the VAE at {os.path.abspath(self.hparams.vae_path)} (encoded on the fly)"
             self._pipeline = dict(vae=os.path.abspath(self.hparams.vae_path),
                                   text_encoder=self.hparams.text_encoder, text_dim=cfg["text_dim"])
-        self._pipeline.update(latent_channels=cfg["in_channels"], patch_size=list(cfg["patch_size"]),
+        self._pipeline.update(latent_channels=cfg["out_channels"], patch_size=list(cfg["patch_size"]),
                               flow=self.flow, latent_stats=dict(stats, source=source))
+        if self.dit.cond_channels:
+            i2v = (info or {}).get("i2v") or dict(image_encoder=self._image_encoder_ref())
+            self._pipeline["i2v"] = dict(image_encoder=i2v.get("image_encoder"),
+                                         cond_channels=self.dit.cond_channels,
+                                         image_dim=self.dit.image_dim)
+
+    def _check_i2v_latents(self, info: dict) -> None:
+        """The data's image-to-video condition (``info["i2v"]``) must be what the DiT takes."""
+        i2v, where = info.get("i2v"), info["folder"]
+        cond, image_dim = self.dit.cond_channels, self.dit.image_dim
+        if not cond:
+            if i2v:
+                rank_zero_warn(f"the latents in {where} carry an image condition this text-to-video DiT ignores")
+            return
+        if not i2v:
+            raise ValueError(f"model.dit.in_channels={self.dit.in_channels} (image-to-video) but the latents "
+                             f"in {where} carry no first-frame condition: encode them with "
+                             "encode_latents i2v=true, or train a text-to-video DiT")
+        z_dim = self.dit.out_channels
+        if cond != i2v["temporal"] + z_dim:
+            raise ValueError(f"the DiT takes {cond} conditioning channels but {where} gives "
+                             f"{i2v['temporal']} mask + {z_dim} latent: set model.dit.in_channels="
+                             f"{2 * z_dim + i2v['temporal']}")
+        if i2v.get("image_dim") != image_dim:
+            raise ValueError(f"model.dit.image_dim={image_dim} but {where} holds image tokens of width "
+                             f"{i2v.get('image_dim')} (image encoder {i2v.get('image_encoder')}): set "
+                             f"model.dit.image_dim={i2v.get('image_dim')}")
 
     def configure_model(self) -> None:
         """torch.compile per block (optional) and FSDP2 sharding under ModelParallelStrategy."""
@@ -294,6 +356,18 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             self._frozen["text"] = build_text_encoder(self.hparams.text_encoder, device=self.device)
         return self._frozen["text"].to(self.device)
 
+    def _image_encoder_ref(self) -> str | None:
+        name = self.hparams.image_encoder
+        return None if name in (None, "", "none") else os.path.abspath(name)
+
+    def _image_encoder(self):
+        if "image" not in self._frozen:
+            from vidgen.image_encoder import build_image_encoder
+
+            self._frozen["image"] = build_image_encoder(self._image_encoder_ref(), device=self.device)
+        encoder = self._frozen["image"]
+        return None if encoder is None else encoder.to(self.device)
+
     def _empty(self) -> torch.Tensor:
         if self._empty_text is None:
             from vidgen.text import trim_padding
@@ -320,12 +394,26 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         mu, _ = vae.encode(batch["video"])
         z = vae.normalize(mu).float()
         captions = list(batch["caption"])
+        gen = self._generator(self.steps_done, 2, device=torch.device("cpu"))
         if train and self.hparams.cfg_dropout > 0:
-            gen = self._generator(self.steps_done, 2, device=torch.device("cpu"))
             captions = drop_captions(captions, self.hparams.cfg_dropout, gen)
         texts = trim_padding(*self._text_encoder().encode(captions))
         samples = [dict(latent=z[i], context=texts[i].float(), key=batch["key"][i], caption=captions[i])
                    for i in range(len(z))]
+        if self.dit.cond_channels:  # the same condition encode_latents i2v=true stores
+            from vidgen.i2v import drop_condition, encode_condition
+
+            cond = encode_condition(vae, batch["video"])
+            encoder = self._image_encoder()
+            image = None if encoder is None else encoder.encode(batch["video"][:, :, 0])
+            dropped = torch.zeros(len(z), dtype=torch.bool)
+            if train and self.hparams.image_dropout > 0:
+                dropped = torch.rand(len(z), generator=gen) < self.hparams.image_dropout
+            for i, s in enumerate(samples):
+                c, im = cond[i], None if image is None else image[i]
+                if dropped[i]:
+                    c, im = drop_condition(c, im)
+                s.update(cond=c, **({} if im is None else {"image": im.float()}))
         # No budget: the whole batch (clips of one bucket) in one sequence.
         per_clip = math.prod(n // p for n, p in zip(z.shape[2:], self.dit.patch_size))
         budget = self.hparams.max_tokens or per_clip * len(samples)
@@ -341,6 +429,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
                                          f["base_shift"], f["max_tokens"], f["max_shift"])
             t = sample_timesteps(p.num_samples, f["timestep_mode"], f["logit_mean"], f["logit_std"],
                                  shift, generator=gen, device=self.device)
+        # Every token is noised and in the loss, the first (conditioning) frame's too: see the
+        # module docstring.
         x0 = p.x.float()
         eps = torch.randn(x0.shape, generator=gen, device=x0.device)
         x_t = interpolate(x0, eps, p.per_token(t))
@@ -428,13 +518,20 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         n = min(v["num_samples"], p.num_samples)
         x0 = p.unpack(p.x.float())
         bounds = p.cu_seqlens_ctx.tolist()
+        conds = p.unpack(p.cond.float()) if p.cond is not None else None
+        image_bounds = p.cu_seqlens_img.tolist() if p.image is not None else None
         fakes = []
         for i in range(n):
             shift = sampling_shift(self.flow, math.prod(p.grids[i]))
             text = p.context[bounds[i]: bounds[i + 1]].float()
+            i2v = {}
+            if conds is not None:
+                i2v["cond"] = conds[i][None]
+            if image_bounds is not None:
+                i2v["image"] = p.image[image_bounds[i]: image_bounds[i + 1]].float()[None]
             fakes.append(generate_latents(self.dit, [text], self._empty(), x0[i].shape, steps=v["steps"],
                                           solver=v["solver"], cfg_scale=v["cfg_scale"], shift=shift,
-                                          seed=self.hparams.seed + i)[0])
+                                          seed=self.hparams.seed + i, **i2v)[0])
         if not self.trainer.is_global_zero:
             return
         reals = [self._to_pixels(x) for x in x0[:n]]

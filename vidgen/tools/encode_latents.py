@@ -5,6 +5,8 @@
         data.buckets='[17x256x256,17x256x448]' [text_encoder=minilm | /models/umt5-xxl]
     # several processes, each taking its own shards (or torchrun: RANK / WORLD_SIZE are read):
     python -m vidgen.tools.encode_latents ... rank=0 world=4 &  ...  rank=3 world=4
+    # image-to-video: also the first-frame condition (and CLIP tokens with an image encoder)
+    python -m vidgen.tools.encode_latents ... i2v=true [image_encoder=/models/clip-vit-h-14]
 
 Every input shard ``<name>.tar`` becomes ``<out>/<name>.tar`` holding, per sample, the same
 key (a ``_<bucket>`` suffix is added with ``every_bucket=true``) and:
@@ -14,6 +16,10 @@ key (a ``_<bucket>`` suffix is added with ``every_bucket=true``) and:
                         "text": [L, D] the caption's token embeddings trimmed to its real
                         length L (``text_dtype``, float16 by default: halves the largest part
                         of a T5 latent shard; the loader casts both back to float32)
+                        with ``i2v=true`` (image-to-video) also "cond": [C, t, h, w] the
+                        normalised latent of the clip's first frame followed by zero frames
+                        (``latent_dtype``), and with ``image_encoder=<CLIP dir>`` "image":
+                        [Li, Di] that frame's image-encoder tokens (``text_dtype``)
     {key}.txt           the caption
     {key}.json          the source JSON + latent_shape, bucket, frame_indices, text_len, vae
 
@@ -42,6 +48,7 @@ from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 from vidgen.data.latents import EMPTY_NAME, FORMAT, INFO_NAME, encode_sample
+from vidgen.i2v import encode_condition_latent
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -75,7 +82,7 @@ def write_dataset_files(out: Path, info: dict, empty_text: torch.Tensor, text_dt
     path = out / INFO_NAME
     if path.is_file():
         old = json.loads(path.read_text())
-        keys = ("format", "vae_config", "text_encoder", "text_dim", "latent_dtype", "text_dtype")
+        keys = ("format", "vae_config", "text_encoder", "text_dim", "latent_dtype", "text_dtype", "i2v")
         diff = [k for k in keys if old.get(k) != info.get(k)]
         if diff:
             raise ValueError(
@@ -107,7 +114,8 @@ def output_names(shards: list[str]) -> list[str]:
 @torch.no_grad()
 def encode_shard(
     shard: str, dst: Path, vae, text_encoder, *, data, every_bucket: bool, latent_dtype,
-    text_dtype, vae_ref: str, chunked: bool, device: torch.device,
+    text_dtype, vae_ref: str, chunked: bool, device: torch.device, i2v: bool = False,
+    image_encoder=None,
 ) -> dict:
     """Encode one video shard into the latent shard ``dst`` (atomically); returns counts."""
     import webdataset as wds
@@ -136,8 +144,14 @@ def encode_shard(
             )
             for batch in loader:
                 counts["skipped"] += int(batch["num_skipped"])
-                mu, _ = vae.encode(batch["video"].to(device), chunked=chunked)
+                video = batch["video"].to(device)
+                mu, _ = vae.encode(video, chunked=chunked)
                 z = vae.normalize(mu).to(latent_dtype).cpu()
+                cond = image = None
+                if i2v:
+                    cond = encode_condition_latent(vae, video, chunked).to(latent_dtype).cpu()
+                if image_encoder is not None:
+                    image = image_encoder.encode(video[:, :, 0]).to(text_dtype).cpu()
                 emb, mask = text_encoder.encode(batch["caption"])
                 texts = trim_padding(emb.float(), mask)
                 for i, key in enumerate(batch["key"]):
@@ -150,7 +164,10 @@ def encode_shard(
                     )
                     sink.write({
                         "__key__": out_key,
-                        "safetensors": encode_sample(z[i], texts[i].to(text_dtype)),
+                        "safetensors": encode_sample(
+                            z[i], texts[i].to(text_dtype), None if cond is None else cond[i],
+                            None if image is None else image[i],
+                        ),
                         "txt": batch["caption"][i].encode("utf-8"),
                         "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
                     })
@@ -192,6 +209,19 @@ def run(cfg) -> list[str]:
     text_encoder = build_text_encoder(cfg.text_encoder, device=device, **kwargs)
     empty_emb, empty_mask = text_encoder.encode([""])
     vae_ref = os.path.abspath(cfg.vae)
+    image_encoder, i2v_info = None, None
+    if cfg.i2v:
+        from vidgen.image_encoder import build_image_encoder
+
+        image_encoder = build_image_encoder(cfg.image_encoder, device=device)
+        i2v_info = dict(
+            temporal=int(vae.temporal_compression),
+            image_encoder=None if image_encoder is None else os.path.abspath(cfg.image_encoder),
+            image_dim=None if image_encoder is None else int(image_encoder.dim),
+        )
+    elif cfg.image_encoder not in (None, "none"):
+        raise ValueError(f"image_encoder={cfg.image_encoder!r} needs i2v=true (image tokens are "
+                         "part of the image-to-video condition)")
     info = dict(
         format=FORMAT, vae=vae_ref, vae_config=vae.config, normalized=True,
         text_encoder=str(cfg.text_encoder), text_dim=int(text_encoder.dim),
@@ -201,6 +231,8 @@ def run(cfg) -> list[str]:
         clip=None if cfg.data.buckets is not None
         else f"{cfg.data.num_frames}x{cfg.data.height}x{cfg.data.width}",
     )
+    if i2v_info is not None:  # absent for text-to-video, so T2V folders stay as they were
+        info["i2v"] = i2v_info
     write_dataset_files(out, info, trim_padding(empty_emb, empty_mask)[0], text_dtype)
 
     mine = [(s, n) for i, (s, n) in enumerate(zip(shards, names)) if i % world == rank]
@@ -213,7 +245,7 @@ def run(cfg) -> list[str]:
         counts = encode_shard(
             shard, out / name, vae, text_encoder, data=cfg.data, every_bucket=cfg.every_bucket,
             latent_dtype=latent_dtype, text_dtype=text_dtype, vae_ref=vae_ref,
-            chunked=cfg.chunked, device=device,
+            chunked=cfg.chunked, device=device, i2v=bool(cfg.i2v), image_encoder=image_encoder,
         )
         totals = {k: totals[k] + counts[k] for k in totals}
         written.append(str(out / name))

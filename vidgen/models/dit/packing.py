@@ -193,9 +193,11 @@ def collate_packed(
     if not samples:
         raise ValueError("collate_packed needs at least one sample")
     patch_size = tuple(int(p) for p in patch_size)
-    for key, why in (("t", "the trainer samples them"), ("cond", "I2V"), ("image", "I2V")):
+    for key, what in (("t", "a timestep 't' (or none does: the trainer samples them)"),
+                      ("cond", "an I2V condition 'cond' or none does"),
+                      ("image", "I2V image tokens 'image' or none does")):
         if len({key in s for s in samples}) > 1:
-            raise ValueError(f"either every sample carries {key!r} or none does ({why})")
+            raise ValueError(f"either every sample carries {what}")
     with_t = "t" in samples[0]
     xs, positions, contexts, grids, metas, conds = [], [], [], [], [], []
     for i, s in enumerate(samples):
