@@ -15,6 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 import vidgen.metrics.fvd as fvd_module
 from vidgen.data.synthetic import make_synthetic_dataset
 from vidgen.evaluate import _loader, evaluate
+from vidgen.metrics.frames import MSE_FLOOR
 from vidgen.models.vae import WanVAE
 from vidgen.utils.rundir import register_resolvers
 
@@ -256,3 +257,61 @@ def test_demo_report_table_and_contact_sheet(setup, tmp_path, capsys):
     with pytest.raises(ValueError, match="must begin with a 'start"):
         (demo / "stage_times.txt").write_text("vae_stage1 1090\n")
         demo_report.stage_times(demo / "stage_times.txt")
+
+
+def test_dit_i2v_report_scores_frame0_and_time_against_the_reference(setup, monkeypatch):
+    # dit_i2v scores what generate() returns against each reference clip: here the clip with
+    # frame 0 kept and the later frames replaced by those of the other clip; checked against
+    # scikit-image frame by frame. generate() must get each clip's own first frame.
+    import vidgen.sample as sample_module
+    from vidgen.models.dit.model import wan_tiny
+
+    wan_tiny(in_channels=12, out_channels=4, text_dim=384).save_pretrained(setup / "dit_i2v")
+    clips = torch.cat([b["video"] for b in _loader(_cfg(setup))])
+    fake = clips.roll(1, 0).clone()
+    fake[:, :, 0] = clips[:, :, 0]
+    given = []
+
+    def fake_generate(*args, images=None, **kwargs):
+        given.append(images.clone())
+        return fake
+
+    monkeypatch.setattr(sample_module, "generate", fake_generate)
+    out = evaluate(_cfg(setup, "task=dit_i2v", f"ckpt={setup / 'dit_i2v'}", f"vae={setup / 'vae'}",
+                        "text_encoder=minilm", "metrics.lpips=false", "metrics.fvd=false",
+                        "allow_identity_latent_stats=true", f"out={setup / 'i2v'}"))
+    report = json.loads((out / "report.json").read_text())
+    torch.testing.assert_close(torch.cat(given), clips[:, :, 0])
+    m = report["metrics"]
+    assert m["psnr_frame0"] == pytest.approx(-10 * np.log10(MSE_FLOOR))  # identical: the floor
+    later = [_skimage_psnr_ssim(clips[:, :, t: t + 1], fake[:, :, t: t + 1]) for t in range(1, 17)]
+    assert m["psnr_later_frames"] == pytest.approx(np.mean([p for p, _ in later]), rel=1e-5)
+    assert m["ssim_later_frames"] == pytest.approx(np.mean([s for _, s in later]), rel=1e-5)
+    assert m["psnr_later_frames"] < 40 < m["psnr_frame0"]
+    assert m["ssim_frame0"] == pytest.approx(1.0, abs=1e-6)
+    assert len(report["curves"]["psnr_t"]) == 17
+    assert report["protocol"]["task"] == "dit_i2v" and "frame 0" in report["protocol"]["condition"]
+    with pytest.raises(ValueError, match="task=dit_gen but .* image-to-video DiT: use task=dit_i2v"):
+        evaluate(_cfg(setup, "task=dit_gen", f"ckpt={setup / 'dit_i2v'}", f"vae={setup / 'vae'}",
+                      "text_encoder=minilm", "allow_identity_latent_stats=true"))
+
+
+def test_dit_i2v_report_end_to_end_with_image_tokens(setup, i3d_calls, tmp_path):
+    """An untrained I2V DiT with a tiny random CLIP image encoder: every figure is reported."""
+    from test_image_encoder import make_tiny_clip
+
+    from vidgen.i2v import expand_t2v
+    from vidgen.models.dit.model import wan_tiny
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    expand_t2v(wan_tiny(in_channels=4, out_channels=4, text_dim=384), image_dim=16).save_pretrained(
+        setup / "dit_i2v_img")
+    out = evaluate(_cfg(setup, "task=dit_i2v", f"ckpt={setup / 'dit_i2v_img'}", f"vae={setup / 'vae'}",
+                        "text_encoder=minilm", f"image_encoder={clip}", "metrics.lpips=false",
+                        "metrics.random_backbones=true", "metrics.fvd_batch_size=2", "sampling.steps=2",
+                        "sampling.cfg_scale=2.0", "sampling.image_cfg_scale=1.5",
+                        "allow_identity_latent_stats=true", f"out={setup / 'i2v_img'}"))
+    report = json.loads((out / "report.json").read_text())
+    assert {"psnr", "ssim", "psnr_frame0", "ssim_frame0", "psnr_later_frames", "fvd"} <= set(report["metrics"])
+    assert report["protocol"]["image_encoder"] == str(clip)
+    assert report["protocol"]["sampling"]["image_cfg_scale"] == 1.5

@@ -24,7 +24,7 @@ from vidgen.metrics.video import VideoMetrics
 from vidgen.models.vae.tiling import tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
-TASKS = ("vae_recon", "dit_gen")
+TASKS = ("vae_recon", "dit_gen", "dit_i2v")
 
 
 def _device(name: str) -> torch.device:
@@ -170,15 +170,26 @@ def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
                 missing=missing)
 
 
+I2V_PROTOCOL = (
+    "each reference clip's frame 0 is the condition (Wan2.1 I2V: VAE latent of the frame with "
+    "zero frames after it + mask, and image-encoder tokens when the DiT takes them) and its "
+    "caption the prompt; the generated clip is compared frame by frame with the reference: "
+    "frame 0 measures how faithfully the condition is kept, later frames how the motion follows"
+)
+
+
 @torch.no_grad()
-def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
-    """Generate a video for each reference clip's caption and report FVD against the clips."""
+def eval_dit(cfg: DictConfig, device: torch.device, rank: int) -> dict:
+    """Generate a video for each reference clip's caption (``task=dit_i2v``: and its first
+    frame) and report FVD against the clips, caption accuracy, and for I2V PSNR / SSIM of
+    frame 0 and over time against the reference."""
     from vidgen.lit.dit import load_dit
     from vidgen.lit.vae import load_vae
     from vidgen.sample import check_decoding_vae, generate, read_pipeline
     from vidgen.text import build_text_encoder
 
-    if not cfg.metrics.fvd and not cfg.metrics.caption:
+    i2v = cfg.task == "dit_i2v"
+    if not i2v and not cfg.metrics.fvd and not cfg.metrics.caption:
         raise ValueError(
             "task=dit_gen reports FVD of generated vs reference clips and/or the caption accuracy "
             "of the generated clips: set metrics.fvd=true or metrics.caption=true"
@@ -196,13 +207,29 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
                        allow_mismatch=cfg.allow_latent_stats_mismatch)
     vae.check_frames(cfg.data.num_frames)
     dit = load_dit(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
+    if i2v != bool(dit.cond_channels):
+        raise ValueError(f"task={cfg.task} but ckpt={cfg.ckpt} is a "
+                         f"{'image' if dit.cond_channels else 'text'}-to-video DiT: use task="
+                         f"{'dit_i2v' if dit.cond_channels else 'dit_gen'}")
     text_encoder = build_text_encoder(encoder_name, device=device)
-    _, fvd = _metric_models(OmegaConf.merge(cfg, {"metrics": {"lpips": False}}), device)
+    image_encoder, image_encoder_name = None, None
+    if i2v and dit.image_dim is not None:
+        from vidgen.image_encoder import build_image_encoder
+
+        image_encoder_name = cfg.image_encoder or (pipeline.get("i2v") or {}).get("image_encoder")
+        if not image_encoder_name:
+            raise ValueError(f"ckpt={cfg.ckpt} takes image tokens but names no image encoder: pass "
+                             "image_encoder=<CLIP vision dir>")
+        image_encoder = build_image_encoder(image_encoder_name, device=device)
+    lpips_model, fvd = _metric_models(OmegaConf.merge(cfg, {"metrics": {"lpips": i2v and cfg.metrics.lpips}}),
+                                      device)
+    scores = (VideoMetrics(psnr=cfg.metrics.psnr, ssim=cfg.metrics.ssim, lpips_model=lpips_model)
+              if i2v else None)
     captions_acc = CaptionAccuracy() if cfg.metrics.caption else None
     s = cfg.sampling
     grids, seen = [], 0
     limit = cfg.data.max_videos
-    bar = tqdm(_loader(cfg), desc="dit_gen", unit="batch", disable=rank != 0)
+    bar = tqdm(_loader(cfg), desc=cfg.task, unit="batch", disable=rank != 0)
     for batch in bar:
         x = batch["video"].to(device)
         captions = list(batch["caption"])
@@ -215,7 +242,11 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
             dit, vae, text_encoder, captions, cfg.data.num_frames, cfg.data.height, cfg.data.width,
             steps=s.steps, solver=s.solver, cfg_scale=s.cfg_scale,
             seed=cfg.seed + 1_000_000 * rank + seen, flow=pipeline.get("flow"),
+            **(dict(images=x[:, :, 0], image_encoder=image_encoder, image_cfg_scale=s.image_cfg_scale)
+               if i2v else {}),
         )
+        if scores is not None:
+            scores.update(x, fake)
         if fvd is not None:
             fvd.update_real(x)
             fvd.update_fake(fake)
@@ -227,24 +258,42 @@ def eval_dit_gen(cfg: DictConfig, device: torch.device, rank: int) -> dict:
         bar.set_postfix(videos=seen)
     if seen == 0:
         raise ValueError(f"no clips of {cfg.data.num_frames} frames were read from {cfg.data.shards}")
-    metrics, missing = {}, {}
+    metrics, missing, curves = {}, {}, None
+    if scores is not None:
+        result = scores.compute()
+        curves = {f"{k}_t": result[f"{k}_t"] for k in ("psnr", "ssim") if f"{k}_t" in result}
+        for k in ("psnr", "ssim"):
+            if f"{k}_t" in result:
+                metrics[f"{k}_frame0"] = result[f"{k}_t"][0]
+                metrics[f"{k}_later_frames"] = sum(result[f"{k}_t"][1:]) / max(1, len(result[f"{k}_t"]) - 1)
+        metrics.update({k: result[k] for k in ("psnr", "ssim", "lpips") if k in result})
     fvd_protocol = _compute_fvd(fvd, metrics, missing) if fvd is not None else None
     if captions_acc is not None:
         _caption_metrics(captions_acc, metrics, missing)
+    sampling = {**OmegaConf.to_container(s), "seed": cfg.seed, "vae": str(vae_path),
+                "text_encoder": str(encoder_name)}
+    if not i2v:
+        sampling.pop("image_cfg_scale", None)
     protocol = {
-        "task": "dit_gen",
+        "task": cfg.task,
         "num_videos": seen,
         "frames": cfg.data.num_frames,
         "resolution": [cfg.data.height, cfg.data.width],
-        "sampling": {**OmegaConf.to_container(s), "seed": cfg.seed, "vae": str(vae_path),
-                     "text_encoder": str(encoder_name)},
+        "sampling": sampling,
         "fvd": fvd_protocol,
         "caption": CAPTION_PROTOCOL if captions_acc is not None else None,
     }
+    if i2v:
+        protocol.update(
+            condition=I2V_PROTOCOL, image_encoder=image_encoder_name,
+            psnr_ssim="per frame on [0,1] against the reference clip, mean over clips; "
+                      "psnr_frame0 / ssim_frame0: the conditioning frame, *_later_frames: the mean of "
+                      "frames 1.., psnr / ssim: all frames; SSIM 11x11 Gaussian sigma 1.5",
+        )
     warnings = []  # FVD's own warnings travel in protocol["fvd"]
     if cfg.metrics.random_backbones and fvd is not None:
         warnings.append("random I3D (test mode): the FVD figure is meaningless")
-    return dict(metrics=metrics, protocol=protocol, curves=None, grids=grids, warnings=warnings,
+    return dict(metrics=metrics, protocol=protocol, curves=curves, grids=grids, warnings=warnings,
                 missing=missing, other_label="generated")
 
 
@@ -255,7 +304,7 @@ def evaluate(cfg: DictConfig) -> Path:
     torch.manual_seed(cfg.seed)
     device = _device(cfg.device)
     rank = _maybe_init_distributed(device)
-    task = {"vae_recon": eval_vae_recon, "dit_gen": eval_dit_gen}[cfg.task]
+    task = {"vae_recon": eval_vae_recon, "dit_gen": eval_dit, "dit_i2v": eval_dit}[cfg.task]
     result = task(cfg, device, rank)
     out = Path(cfg.out)
     if rank == 0:

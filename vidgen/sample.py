@@ -187,7 +187,7 @@ def generate(
         raise ValueError(
             f"the VAE makes {latent_shape[0]}-channel latents but the DiT expects {dit.out_channels}"
         )
-    cond, tokens = i2v_inputs(dit, vae, image_encoder, images, len(captions), num_frames, height, width)
+    cond, image_tokens = i2v_inputs(dit, vae, image_encoder, images, len(captions), num_frames, height, width)
     check_latent_grid(latent_shape, dit.patch_size, height, width, vae)
     if text_encoder.dim != dit.config["text_dim"]:
         raise ValueError(
@@ -203,7 +203,7 @@ def generate(
         shift = sampling_shift(flow, tokens)
     z = generate_latents(
         dit, texts[:-1], texts[-1], latent_shape, steps=steps, solver=solver,
-        cfg_scale=cfg_scale, shift=shift, seed=seed, cond=cond, image=tokens,
+        cfg_scale=cfg_scale, shift=shift, seed=seed, cond=cond, image=image_tokens,
         image_cfg_scale=image_cfg_scale,
     )
     vae_device = next(vae.parameters()).device
