@@ -199,7 +199,7 @@ def test_dit_gen_caption_accuracy_without_fvd(setup, monkeypatch):
     wan_tiny(in_channels=4, out_channels=4, text_dim=384).save_pretrained(setup / "dit_c")
     clips = torch.cat([b["video"] for b in _loader(_cfg(setup))])
     for shift, expected in ((0, 1.0), (1, 0.0)):
-        monkeypatch.setattr(sample_module, "generate", lambda *a, **k: clips.roll(shift, 0))
+        monkeypatch.setattr(sample_module, "generate", lambda *a, s=shift, **k: clips.roll(s, 0))
         out = evaluate(_cfg(setup, "task=dit_gen", f"ckpt={setup / 'dit_c'}", f"vae={setup / 'vae'}",
                             "text_encoder=minilm", "metrics.lpips=false", "metrics.fvd=false",
                             "allow_identity_latent_stats=true", f"out={setup / f'gen_c{shift}'}"))

@@ -55,9 +55,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from vidgen.diffusion import SAMPLERS, flow_loss, interpolate, resolution_shift, sample_timesteps
 from vidgen.diffusion.flow import TIMESTEP_MODES
