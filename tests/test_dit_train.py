@@ -53,6 +53,28 @@ def setup(tmp_path_factory, synthetic_data):
     return root
 
 
+@pytest.fixture(scope="module")
+def i2v_setup(setup, synthetic_data):
+    """I2V latents of the same clips at 9x32x32 with setup's VAE: <root>/clip/{train,val} with a
+    tiny random CLIP's tokens (16-d, 17 per frame; the encoder in <root>/clip_encoder) and
+    <root>/none/{train,val} with the latent condition only."""
+    from test_image_encoder import make_tiny_clip
+
+    import vidgen.text
+
+    root = setup / "i2v"
+    clip = make_tiny_clip(root / "clip_encoder")
+    original, vidgen.text.build_text_encoder = vidgen.text.build_text_encoder, cached_text_encoder
+    try:
+        for flavour, encoder in (("clip", clip), ("none", "none")):
+            for split in ("train", "val"):
+                encode(setup / "vae", synthetic_data / split, root / flavour / split, "data.buckets=[9x32x32]",
+                       "chunked=false", "data.batch_size=8", "i2v=true", f"image_encoder={encoder}")
+    finally:
+        vidgen.text.build_text_encoder = original
+    return root
+
+
 def _cfg(run_dir, setup, experiment="demo/dit_stage1", *extra):
     register_resolvers()
     overrides = [
