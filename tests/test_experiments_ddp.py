@@ -19,7 +19,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from test_dit_train import TINY_DIT, setup  # noqa: F401  (the latents fixture)
+from test_dit_train import TINY_DIT, i2v_setup, setup  # noqa: F401  (the latents fixtures)
 
 from vidgen.models.vae import WanVAE
 from vidgen.utils.rundir import register_resolvers
@@ -158,3 +158,23 @@ def test_dit_experiment_under_ddp(tmp_path, setup, dit_inits, experiment):  # no
     rows = _check_run(proc, run, {"loss"}, "dit")
     assert max(float(r["train/nonfinite"]) for r in rows if r.get("train/nonfinite")) == 1
     assert any(r.get("val/loss") for r in rows), "validation ran under DDP"
+
+
+# image-to-video: from the T2V export of its family, on I2V latents (tiny CLIP tokens for the
+# full recipe, latent condition only for the demo, as each config says)
+I2V_CASES = {"demo/dit_i2v": ("demo", "none", []),
+             "dit/i2v": ("wan", "clip", ["model.dit.image_dim=16"])}
+
+
+@pytest.mark.parametrize("experiment", sorted(I2V_CASES))
+def test_i2v_experiment_under_ddp(tmp_path, setup, i2v_setup, dit_inits, experiment):  # noqa: F811
+    init, flavour, extra = I2V_CASES[experiment]
+    run = tmp_path / experiment.replace("/", "_")
+    proc = _launch(run, experiment, *_dit_overrides(setup), "model.dit.in_channels=12",
+                   f"data.train.shards={i2v_setup}/{flavour}/train", f"data.val.shards={i2v_setup}/{flavour}/val",
+                   "data.train.image_dropout=0.5", f"model.init_from={dit_inits[init]}", *extra)
+    rows = _check_run(proc, run, {"loss"}, "dit")
+    assert max(float(r["train/nonfinite"]) for r in rows if r.get("train/nonfinite")) == 1
+    assert any(r.get("val/loss") for r in rows), "validation ran under DDP"
+    config = json.loads((run / "dit" / "config.json").read_text())
+    assert config["in_channels"] == 12 and config.get("image_dim") == (16 if flavour == "clip" else None)
