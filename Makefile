@@ -11,6 +11,9 @@ DEMO_EVAL := data.shards=data/synthetic/val data.height=64 data.width=64 metrics
 # the demo DiT's caption accuracy: samples for the first 16 held-out captions (none is a demo prompt)
 DEMO_DIT_EVAL := data.shards=data/synthetic/val data.num_frames=9 data.height=64 data.width=64 \
 	data.max_videos=16 metrics.fvd=false metrics.lpips=false
+# the demo I2V DiT against the first 16 held-out clips, conditioned on their first frames
+DEMO_I2V_EVAL := data.shards=data/synthetic/val data.num_frames=9 data.height=64 data.width=64 \
+	data.max_videos=16 metrics.fvd=false metrics.lpips=false
 # after each demo stage: "<stage> <unix seconds>" for the wall time table of demo_report
 STAGE_DONE = echo "$(1) $$(date +%s)" >> $(DEMO)/stage_times.txt
 # what the demo DiT samples (one mp4 each)
@@ -22,7 +25,7 @@ export PYTHONUNBUFFERED := 1
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-slow demo bench gpu-wheels lint clean
+.PHONY: help install test test-slow demo demo-i2v bench gpu-wheels lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -77,6 +80,28 @@ demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic 
 	@echo "  samples/, csv/, exported vae/ or dit/), latents/, samples/ (mp4 + .json), eval/report.md"
 	@echo "  (the final VAE), eval_vae_stage2/report.md, eval_dit/report.md (the DiT's caption accuracy)"
 	$(PY) -m vidgen.tools.demo_report --demo $(DEMO) --shards data/synthetic/val
+
+demo-i2v: $(STAMP) data/synthetic/train  ## image-to-video on top of `make demo` (its VAE and T2V DiT; CPU)
+	@test -f $(DEMO)/dit_stage2/dit/config.json || \
+		{ echo "demo-i2v continues the demo's text-to-video DiT: run make demo first"; exit 1; }
+	rm -rf $(DEMO)/latents_i2v $(DEMO)/dit_i2v $(DEMO)/i2v_frames $(DEMO)/samples_i2v $(DEMO)/eval_i2v
+	@echo "demo-i2v start $$(date +%s)" > $(DEMO)/i2v_times.txt
+	for s in train val; do $(PY) -m vidgen.tools.encode_latents vae=$(DEMO)/vae_stage3 i2v=true \
+		data.shards=data/synthetic/$$s out=$(DEMO)/latents_i2v/$$s 'data.buckets=[9x64x64]' \
+		chunked=false data.batch_size=8 || exit 1; done
+	@echo "latents $$(date +%s)" >> $(DEMO)/i2v_times.txt
+	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/dit_i2v paths.run_dir=$(DEMO)/dit_i2v \
+		model.init_from=$(DEMO)/dit_stage2
+	@echo "dit_i2v $$(date +%s)" >> $(DEMO)/i2v_times.txt
+	$(PY) -m vidgen.tools.first_frames extract --shards data/synthetic/val --num 4 --frames 9 \
+		--height 64 --width 64 --out $(DEMO)/i2v_frames
+	xargs -d '\n' -a $(DEMO)/i2v_frames/sample_args.txt $(PY) -m vidgen.sample ckpt=$(DEMO)/dit_i2v \
+		num_frames=9 height=64 width=64 out=$(DEMO)/samples_i2v
+	$(PY) eval.py task=dit_i2v ckpt=$(DEMO)/dit_i2v $(DEMO_I2V_EVAL) out=$(DEMO)/eval_i2v
+	@echo "sample_and_eval $$(date +%s)" >> $(DEMO)/i2v_times.txt
+	@echo "demo-i2v outputs in $(DEMO)/: latents_i2v/, dit_i2v/, i2v_frames/ (the conditioning"
+	@echo "  frames), samples_i2v/ (mp4 + .json), eval_i2v/report.md"
+	$(PY) -m vidgen.tools.first_frames psnr --samples $(DEMO)/samples_i2v --report $(DEMO)/eval_i2v
 
 bench: $(STAMP)  ## benchmarks against peer implementations (prints ratios)
 	$(PY) bench/bench_data.py
