@@ -84,7 +84,8 @@ demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic 
 demo-i2v: $(STAMP) data/synthetic/train  ## image-to-video on top of `make demo` (its VAE and T2V DiT; CPU)
 	@test -f $(DEMO)/dit_stage2/dit/config.json || \
 		{ echo "demo-i2v continues the demo's text-to-video DiT: run make demo first"; exit 1; }
-	rm -rf $(DEMO)/latents_i2v $(DEMO)/dit_i2v $(DEMO)/i2v_frames $(DEMO)/samples_i2v $(DEMO)/eval_i2v
+	rm -rf $(DEMO)/latents_i2v $(DEMO)/dit_i2v $(DEMO)/i2v_frames $(DEMO)/samples_i2v $(DEMO)/eval_i2v \
+		$(DEMO)/i2v_step0 $(DEMO)/eval_i2v_step0
 	@echo "demo-i2v start $$(date +%s)" > $(DEMO)/i2v_times.txt
 	for s in train val; do $(PY) -m vidgen.tools.encode_latents vae=$(DEMO)/vae_stage3 i2v=true \
 		data.shards=data/synthetic/$$s out=$(DEMO)/latents_i2v/$$s 'data.buckets=[9x64x64]' \
@@ -98,10 +99,16 @@ demo-i2v: $(STAMP) data/synthetic/train  ## image-to-video on top of `make demo`
 	xargs -d '\n' -a $(DEMO)/i2v_frames/sample_args.txt $(PY) -m vidgen.sample ckpt=$(DEMO)/dit_i2v \
 		num_frames=9 height=64 width=64 out=$(DEMO)/samples_i2v
 	$(PY) eval.py task=dit_i2v ckpt=$(DEMO)/dit_i2v $(DEMO_I2V_EVAL) out=$(DEMO)/eval_i2v
+	# baseline: the same DiT at step 0 (the T2V DiT expanded: it ignores the first frame)
+	$(PY) -m vidgen.tools.convert_dit --expand-t2v $(DEMO)/dit_stage2/dit --out $(DEMO)/i2v_step0/dit
+	cp $(DEMO)/dit_i2v/dit/pipeline.json $(DEMO)/i2v_step0/dit/
+	$(PY) eval.py task=dit_i2v ckpt=$(DEMO)/i2v_step0 $(DEMO_I2V_EVAL) out=$(DEMO)/eval_i2v_step0
 	@echo "sample_and_eval $$(date +%s)" >> $(DEMO)/i2v_times.txt
 	@echo "demo-i2v outputs in $(DEMO)/: latents_i2v/, dit_i2v/, i2v_frames/ (the conditioning"
-	@echo "  frames), samples_i2v/ (mp4 + .json), eval_i2v/report.md"
-	$(PY) -m vidgen.tools.first_frames psnr --samples $(DEMO)/samples_i2v --report $(DEMO)/eval_i2v
+	@echo "  frames), samples_i2v/ (mp4 + .json), eval_i2v/report.md, eval_i2v_step0/report.md"
+	@echo "  (the baseline: the I2V DiT at step 0, which predicts as the T2V DiT)"
+	$(PY) -m vidgen.tools.first_frames psnr --samples $(DEMO)/samples_i2v \
+		--report $(DEMO)/eval_i2v --baseline $(DEMO)/eval_i2v_step0
 
 bench: $(STAMP)  ## benchmarks against peer implementations (prints ratios)
 	$(PY) bench/bench_data.py

@@ -142,3 +142,20 @@ def test_missing_or_unexpected_conditioning_is_an_error():
         wan_tiny()(x, t, ctx, cond=torch.randn(1, 20, 1, 2, 2))
     with pytest.raises(ValueError, match="expand_t2v needs a text-to-video DiT"):
         expand_t2v(model)
+
+
+def test_expand_t2v_cli_writes_an_i2v_dit_that_predicts_as_the_t2v_one(tmp_path):
+    from vidgen.models.dit import WanDiT
+    from vidgen.tools import convert_dit
+
+    torch.manual_seed(0)
+    t2v = _randomise(wan_tiny(in_channels=16)).eval()
+    t2v.save_pretrained(tmp_path / "t2v")
+    convert_dit.main(["--expand-t2v", str(tmp_path / "t2v"), "--out", str(tmp_path / "i2v"), "--image-dim", "24"])
+    i2v = WanDiT.from_pretrained(tmp_path / "i2v").eval()
+    assert (i2v.config["in_channels"], i2v.config["image_dim"]) == (36, 24)
+    x, ctx, t = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 5, 32), torch.tensor([0.4])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            i2v(x, t, ctx, cond=torch.randn(1, 20, 2, 4, 4), image=torch.randn(1, 3, 24)),
+            t2v(x, t, ctx), rtol=1e-5, atol=1e-6)

@@ -60,7 +60,7 @@ def _first_batch(shards, **train):
     return next(iter(dm.train_dataset(rank=0, world_size=1)))["packed"]
 
 
-def test_latent_loader_adds_the_mask_and_drops_the_image_for_guidance(i2v_setup):
+def test_latent_loader_adds_the_mask_and_drops_the_image_for_guidance(i2v_setup):  # noqa: F811
     p = _first_batch(i2v_setup / "clip" / "train", cfg_dropout=0.0)
     assert p.num_samples == 4 and p.image.shape == (4 * 17, 16)
     assert p.cu_seqlens_img.tolist() == [0, 17, 34, 51, 68]
@@ -102,7 +102,8 @@ def _png(path, rgb):
 def test_i2v_trains_from_t2v_exports_and_samples_from_a_png(tmp_path, setup, i2v_setup, t2v_run):  # noqa: F811
     from hydra.utils import instantiate
 
-    from vidgen.sample import generate, run as sample_run
+    from vidgen.sample import generate
+    from vidgen.sample import run as sample_run
     from vidgen.text import build_text_encoder
 
     cfg = _i2v_cfg(tmp_path / "i2v", setup, i2v_setup, "clip", "model.dit.image_dim=16",
@@ -176,3 +177,23 @@ def test_on_the_fly_condition_equals_the_stored_one(tmp_path, setup, i2v_setup, 
         torch.testing.assert_close(p.image[bounds[i]: bounds[i + 1]], t["image"], rtol=2e-3, atol=2e-3)
     metrics = train(cfg)  # and it trains, with image dropout, in that mode
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_first_frames_tool_extracts_and_scores(tmp_path, synthetic_data):
+    from vidgen.data.video import write_mp4
+    from vidgen.tools.first_frames import extract, first_frame_psnr
+
+    paths = extract(str(synthetic_data / "val"), 2, 9, 32, 32, tmp_path / "frames")
+    batch = next(iter(_val_batches(synthetic_data)))
+    first = ((batch["video"][0, :, 0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(Image.open(paths[0])), first)  # frame 0 as eval.py reads it
+    args = (tmp_path / "frames" / "sample_args.txt").read_text().splitlines()
+    assert args[0] == f"prompt=[{batch['caption'][0]},{batch['caption'][1]}]" and str(paths[1]) in args[1]
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    other = np.asarray(Image.open(paths[1]))
+    for name, frame0 in (("same", first), ("other", other)):
+        write_mp4(np.stack([frame0] * 5), samples / f"{name}.mp4", fps=8)
+        (samples / f"{name}.json").write_text(json.dumps({"image": str(paths[0])}))
+    scores = dict(first_frame_psnr(samples))
+    assert scores["same.mp4"] > 30 > scores["other.mp4"] + 5  # codec loss only vs another clip

@@ -2,6 +2,7 @@
 
     python -m vidgen.tools.convert_dit --from-diffusers Wan2.1-T2V-1.3B-Diffusers/transformer --out ckpt/wan_1.3b
     python -m vidgen.tools.convert_dit --to-diffusers ckpt/wan_1.3b --out export/transformer
+    python -m vidgen.tools.convert_dit --expand-t2v ckpt/wan_1.3b --out ckpt/wan_1.3b_i2v [--image-dim 1280]
 
 diffusers side: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (or the sharded
 ``.safetensors.index.json`` form). Ours: ``config.json`` + ``model.safetensors`` as written
@@ -222,13 +223,23 @@ def main(argv: list[str] | None = None):
     direction.add_argument(
         "--to-diffusers", metavar="DIR", help=f"WanDiT directory ({CONFIG_NAME} + {WEIGHTS_NAME})"
     )
+    direction.add_argument(
+        "--expand-t2v", metavar="DIR",
+        help="WanDiT text-to-video directory -> an I2V WanDiT that predicts as it does (vidgen.i2v.expand_t2v)",
+    )
+    parser.add_argument("--image-dim", type=int, default=None, help="--expand-t2v: image-token width")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)"
     )
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
-    if args.from_diffusers:
+    if args.expand_t2v:
+        from vidgen.i2v import expand_t2v
+
+        model = expand_t2v(WanDiT.from_pretrained(args.expand_t2v, dtype=dtype), image_dim=args.image_dim)
+        model.save_pretrained(args.out)
+    elif args.from_diffusers:
         from_diffusers(args.from_diffusers, args.out, dtype)
     else:
         to_diffusers(args.to_diffusers, args.out, dtype)

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     ps.add_argument("--samples", type=Path, required=True)
     ps.add_argument("--report", type=Path, default=None,
                     help="an eval.py task=dit_i2v folder: also print its frame-0 / later-frame PSNR")
+    ps.add_argument("--baseline", type=Path, default=None,
+                    help="another dit_i2v report folder printed the same way (e.g. the DiT at step 0)")
     args = parser.parse_args(argv)
     if args.command == "extract":
         for p in extract(args.shards, args.num, args.frames, args.height, args.width, args.out):
@@ -95,13 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"first-frame PSNR {value:6.2f} dB  {name}")
     print(f"first-frame PSNR against the conditioning frame: mean {np.mean([v for _, v in rows]):.2f} dB "
           f"over {len(rows)} samples")
-    if args.report is not None:
-        report = json.loads((args.report / "report.json").read_text())
+    for label, folder in (("", args.report), ("baseline ", args.baseline)):
+        if folder is None:
+            continue
+        report = json.loads((folder / "report.json").read_text())
         m, n = report["metrics"], report["protocol"]["num_videos"]
-        print(f"{args.report}/report.md: over {n} held-out clips, PSNR against the reference "
+        print(f"{label}{folder}/report.md: over {n} held-out clips, PSNR against the reference "
               f"frame 0 {m['psnr_frame0']:.2f} dB, later frames {m['psnr_later_frames']:.2f} dB, "
               f"SSIM frame 0 {m['ssim_frame0']:.3f}")
-
 
 if __name__ == "__main__":
     main()
