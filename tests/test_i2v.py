@@ -5,11 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_vae_diffusers_parity import wan_vae_pair
 
 from vidgen.i2v import condition_video, encode_condition, expand_t2v, first_frame_mask
 from vidgen.models.dit import pack_samples
 from vidgen.models.dit.model import wan_tiny
-from vidgen.models.vae import WanVAE
 
 diffusers = pytest.importorskip("diffusers")
 MEAN, STD = [0.1, -0.2, 0.3, 0.0], [0.5, 1.5, 2.0, 1.0]
@@ -17,20 +17,7 @@ MEAN, STD = [0.1, -0.2, 0.3, 0.0], [0.5, 1.5, 2.0, 1.0]
 
 @pytest.fixture(scope="module")
 def vae_pair():
-    torch.manual_seed(0)
-    ours = WanVAE(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1).eval()
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        ours.latents_mean.copy_(torch.tensor(MEAN))
-        ours.latents_std.copy_(torch.tensor(STD))
-    theirs = diffusers.AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-        temperal_downsample=[False, True, True], latents_mean=MEAN, latents_std=STD,
-    ).eval()
-    state = {k: v for k, v in ours.state_dict().items() if k not in ("latents_mean", "latents_std")}
-    theirs.load_state_dict(state, strict=True)
-    return ours, theirs
+    return wan_vae_pair(MEAN, STD)
 
 
 @pytest.mark.parametrize("frames", [1, 5, 9])

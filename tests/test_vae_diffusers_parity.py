@@ -10,24 +10,36 @@ diffusers = pytest.importorskip("diffusers")
 TOL = dict(rtol=1e-5, atol=2e-5)
 
 
-@pytest.fixture(scope="module")
-def pair():
+def wan_vae_pair(latents_mean=None, latents_std=None):
+    """A tiny perturbed WanVAE and diffusers' AutoencoderKLWan with the same weights (other tests
+    use it); with latent statistics, both normalise latents by them."""
     torch.manual_seed(0)
     ours = WanVAE(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1).eval()
+    stats = {}
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        if latents_mean is not None:
+            ours.latents_mean.copy_(torch.tensor(latents_mean))
+            ours.latents_std.copy_(torch.tensor(latents_std))
+            stats = dict(latents_mean=latents_mean, latents_std=latents_std)
     theirs = diffusers.AutoencoderKLWan(
         base_dim=8,
         z_dim=4,
         dim_mult=[1, 2, 2, 2],
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
+        **stats,
     ).eval()
     # Only our two latent-statistics buffers are extra (diffusers keeps them in its config).
     state = {k: v for k, v in ours.state_dict().items() if k not in ("latents_mean", "latents_std")}
     theirs.load_state_dict(state, strict=True)
     return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return wan_vae_pair()
 
 
 @pytest.mark.parametrize("frames", [1, 5, 9])
