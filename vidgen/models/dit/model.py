@@ -35,6 +35,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, attention
+from .context_parallel import ContextParallel, SequenceShard
 from .packing import PackedBatch, grid_positions, patch_grid, patchify, unpatchify
 
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] -> Wan's [0, 1000] timestep embedding input
@@ -135,12 +137,15 @@ class TokenLayout:
     seg_ids: [N] sample index per token when packed (B == 1), None for a padded batch.
     self_attn / cross_attn / image_attn: keyword arguments for ``attention`` (offsets or key
     mask) of the self-attention, the text and the image cross-attention.
+    shard: with context parallelism, the plan of this rank's slice of a packed x (the
+    offsets then describe the whole sequence; see context_parallel.py).
     """
 
     seg_ids: Tensor | None
     self_attn: dict
     cross_attn: dict
     image_attn: dict | None = None
+    shard: SequenceShard | None = None  # context parallelism: this rank's slice of x
 
     def per_token(self, v: Tensor) -> Tensor:
         """Per-sample vectors v: [S, dim] -> broadcastable to x: [B, 1, dim] or [1, N, dim]."""
@@ -181,12 +186,14 @@ class Attention(nn.Module):
         rope=None,
         image: Tensor | None = None,
         image_attn: dict | None = None,
+        shard: SequenceShard | None = None,
         **attn_kwargs,
     ) -> Tensor:
         """x: [B, L, dim]; context: [B, Lc, dim] (None = self-attention) -> [B, L, dim].
 
         image: [B, Li, added_kv_proj_dim] tokens attended with their own keys/values and the
-        same queries; ``image_attn`` are their ``attention`` keyword arguments.
+        same queries; ``image_attn`` are their ``attention`` keyword arguments. shard: x is
+        this rank's slice of a context-parallel sequence.
         """
         kv = x if context is None else context
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, -1))
@@ -194,11 +201,13 @@ class Attention(nn.Module):
         v = self.to_v(kv).unflatten(-1, (self.num_heads, -1))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, **attn_kwargs)
+        attend = attention if shard is None else partial(shard.attention, kv_local=context is None)
+        out = attend(q, k, v, **attn_kwargs)
         if image is not None:
             k_img = self.norm_added_k(self.add_k_proj(image)).unflatten(-1, (self.num_heads, -1))
             v_img = self.add_v_proj(image).unflatten(-1, (self.num_heads, -1))
-            out = out + attention(q, k_img, v_img, **(image_attn or {}))
+            attend = attention if shard is None else partial(shard.attention, kv_local=False)
+            out = out + attend(q, k_img, v_img, **(image_attn or {}))
         return self.to_out(out.flatten(-2))
 
 
@@ -263,11 +272,12 @@ class WanBlock(nn.Module):
         )
 
         h = modulate(self.norm1(x), shift_msa, scale_msa).to(dtype)
-        x = x + self.self_attn(h, rope=rope, **layout.self_attn).float() * gate_msa
+        x = x + self.self_attn(h, rope=rope, shard=layout.shard, **layout.self_attn).float() * gate_msa
 
         h = self.norm2(x).to(dtype)
         x = x + self.cross_attn(
-            h, context, image=image, image_attn=layout.image_attn, **layout.cross_attn
+            h, context, image=image, image_attn=layout.image_attn, shard=layout.shard,
+            **layout.cross_attn,
         ).float()
 
         h = modulate(self.norm3(x), shift_mlp, scale_mlp).to(dtype)
@@ -496,13 +506,16 @@ class WanDiT(nn.Module):
         out = self._run(tokens, t, context, grid_positions(grid, x.device), layout, image)
         return unpatchify(out, grid, self.patch_size)
 
-    def forward_packed(self, packed: PackedBatch) -> list[Tensor]:
+    def forward_packed(self, packed: PackedBatch, cp: ContextParallel | None = None) -> list[Tensor]:
         """Packed samples of different shapes and text lengths (see packing.py).
 
         ``packed.x`` holds the noisy tokens x_t [N, pt*ph*pw*C_out], ``packed.t`` the [S]
         per-sample times; I2V models also read ``packed.cond`` (conditioning tokens) and
         ``packed.image`` (image tokens). Returns the S predicted velocities, each
         [C_out, T_i, H_i, W_i].
+
+        cp: a context-parallel group whose ranks all pass the same ``packed``: each runs
+        1/cp of the tokens (see context_parallel.py) and all return the whole output.
         """
         if packed.t is None:
             raise ValueError(
@@ -539,16 +552,21 @@ class WanDiT(nn.Module):
                 max_seqlen_k=packed.max_seqlen_img,
                 **backend,
             )
-        layout = TokenLayout(packed.seg_ids, self_attn, cross_attn, image_attn)
-        tokens = packed.x
+        tokens, positions, seg_ids, shard = packed.x, packed.positions, packed.seg_ids, None
         if packed.cond is not None:  # (pt, ph, pw, C) per token: concatenate along C
             p = pt * ph * pw
             tokens = torch.cat(
                 [tokens.unflatten(-1, (p, -1)), packed.cond.to(tokens).unflatten(-1, (p, -1))], -1
             ).flatten(-2)
+        if cp is not None:  # padding tokens take the last sample's id; their outputs are cut
+            cp.check_heads(self.num_heads)
+            shard = cp.shard(packed.num_tokens)
+            tokens, positions = shard.split(tokens), shard.split(positions)
+            seg_ids = shard.split(seg_ids, fill=packed.num_samples - 1)
+        layout = TokenLayout(seg_ids, self_attn, cross_attn, image_attn, shard)
         image = None if packed.image is None else packed.image[None]
-        out = self._run(tokens[None], packed.t, packed.context[None], packed.positions, layout, image)
-        return packed.unpack(out[0])
+        out = self._run(tokens[None], packed.t, packed.context[None], positions, layout, image)[0]
+        return packed.unpack(out if shard is None else shard.gather(out))
 
     def _check_conditioning(self, cond_channels: tuple | None, image_dim: tuple | None):
         """I2V inputs present exactly when the model takes them, with the right widths."""
