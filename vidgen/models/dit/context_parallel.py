@@ -88,16 +88,16 @@ class SequenceShard:
         (text / image keys) and this rank takes its heads of them.
         """
         heads = q.shape[2] // self.cp.size
-        q = _SeqToHeads.apply(q, self.cp)[:, : self.total]
+        q = _Exchange.apply(q, self.cp, True)[:, : self.total]
         if kv_local:
-            k = _SeqToHeads.apply(k, self.cp)[:, : self.total]
-            v = _SeqToHeads.apply(v, self.cp)[:, : self.total]
+            k = _Exchange.apply(k, self.cp, True)[:, : self.total]
+            v = _Exchange.apply(v, self.cp, True)[:, : self.total]
         else:
             k = k[:, :, self.cp.rank * heads : (self.cp.rank + 1) * heads]
             v = v[:, :, self.cp.rank * heads : (self.cp.rank + 1) * heads]
         out = attention(q, k, v, **kwargs)
         out = F.pad(out, (0, 0, 0, 0, 0, self.padded - self.total))
-        return _HeadsToSeq.apply(out, self.cp)
+        return _Exchange.apply(out, self.cp, False)
 
 
 # ---- collectives with their adjoints ----
@@ -125,26 +125,17 @@ def _heads_to_seq(x: Tensor, cp: ContextParallel) -> Tensor:
     return x.transpose(0, 1).flatten(1, 2)[None]
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """``_seq_to_heads`` (to_heads=True) or ``_heads_to_seq``; each is the other's adjoint."""
+
     @staticmethod
-    def forward(ctx, x, cp):
-        ctx.cp = cp
-        return _seq_to_heads(x, cp)
+    def forward(ctx, x, cp, to_heads):
+        ctx.cp, ctx.to_heads = cp, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, cp)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.cp), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cp):
-        ctx.cp = cp
-        return _heads_to_seq(x, cp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.cp), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.cp), None, None
 
 
 class _Gather(torch.autograd.Function):
