@@ -35,10 +35,10 @@ def latents(tmp_path_factory, synthetic_data):
     return root
 
 
-def _train(run_dir, latents, *extra, strategy="fsdp2"):
+def _train(run_dir, latents, *extra, strategy="fsdp2", devices=2):
     cmd = [
         sys.executable, str(ROOT / "train.py"), "experiment=demo/dit_stage1", f"trainer={strategy}",
-        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        "trainer.accelerator=cpu", f"trainer.devices={devices}", "trainer.precision=32-true",
         "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
         "trainer.limit_val_batches=1", f"paths.run_dir={run_dir}",
         f"data.train.shards={latents}/train", f"data.val.shards={latents}/val", "model.vae_path=null",

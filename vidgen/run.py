@@ -50,6 +50,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_checkpoint_file(ckpt_path, mmap=True)  # FSDP's full-file reader unpickles in full
     _save_config(cfg, run_dir)
 
+    cp = cfg.get("context_parallel", 1)
+    if cp != 1 and "context_parallel" not in cfg.model:
+        raise ValueError(f"context_parallel={cp}: only the DiT (model=dit) splits sequences across "
+                         f"ranks; {cfg.model.get('_target_')} trains with data parallelism only")
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     trainer = instantiate(

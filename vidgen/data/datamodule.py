@@ -45,6 +45,7 @@ from vidgen.data.pipeline import (
 )
 from vidgen.data.shard_io import ShardRetry
 from vidgen.data.sources import parse_sources
+from vidgen.data.streams import check_context_parallel, dist_rank_world
 from vidgen.data.video import to_model_range
 
 
@@ -82,7 +83,7 @@ def trained_position(trainer, batches_per_epoch: int) -> tuple[int, int]:
 # What the training streams depend on besides the position, and how a user sets it.
 _LAYOUT_KEYS = {
     "num_workers": "data.num_workers",
-    "world_size": "the world size (trainer.devices x trainer.num_nodes)",
+    "world_size": "the data-parallel world size (trainer.devices x trainer.num_nodes / context_parallel)",
     "batches_per_epoch": "data.train.batches_per_epoch",
     "seed": "data.seed",
 }
@@ -137,6 +138,8 @@ class VideoDataModule(L.LightningDataModule):
         val: the same for validation (``resampled`` defaults to False), or None.
         batch_size: clips per batch (set here, not inside ``train`` / ``val``).
         num_workers: loader worker processes per rank (decoding happens there).
+        context_parallel: neighbouring ranks that read the same batches (they split each
+            sequence in the DiT); the streams follow the data-parallel rank and world size.
         seed: base seed of all data RNG streams.
         pin_memory: pin batches for faster host-to-GPU copies.
         persistent_workers: keep workers alive between epochs (when num_workers > 0).
@@ -161,9 +164,11 @@ class VideoDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         transfer_dtype: str = "float32",
         shard_retry: Mapping | None = None,
+        context_parallel: int = 1,
     ):
         super().__init__()
         self.shard_retry = ShardRetry.of(to_builtin(shard_retry))
+        self.context_parallel = check_context_parallel(context_parallel)
         if transfer_dtype not in BATCH_DTYPES:
             raise ValueError(f"transfer_dtype must be one of {sorted(BATCH_DTYPES)}, got {transfer_dtype!r}")
         self.transfer_dtype = transfer_dtype
@@ -241,8 +246,9 @@ class VideoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Built here, not in __init__, so that torch.distributed is up and the rank known.
-        dataset = build_video_dataset(**self.train_kwargs, dtype=self.transfer_dtype,
-                                      shard_retry=self.shard_retry)
+        rank, world = dist_rank_world(self.context_parallel)  # a cp group reads one stream
+        dataset = build_video_dataset(**{"rank": rank, "world_size": world, **self.train_kwargs},
+                                      dtype=self.transfer_dtype, shard_retry=self.shard_retry)
         return self._loader(dataset, self._train_position)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -67,7 +67,7 @@ from vidgen.data.datamodule import EpochDataLoader, seed_worker, to_builtin, tra
 from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreadable_summary
 from vidgen.data.shards import expand_shards
 from vidgen.data.sources import Source, count_sources, parse_sources
-from vidgen.data.streams import ShardStream, dist_rank_world, shuffled
+from vidgen.data.streams import ShardStream, check_context_parallel, dist_rank_world, shuffled
 from vidgen.i2v import drop_condition, with_mask
 from vidgen.models.dit.packing import PackingBuffer
 
@@ -399,7 +399,8 @@ class LatentDataModule(L.LightningDataModule):
             resampled, batches_per_epoch (per rank).
         val: shards, max_tokens, buckets, pack_buffer, min_efficiency; or None.
         patch_size: the DiT's (pt, ph, pw) patch.
-        num_workers, seed, pin_memory, persistent_workers, shard_retry: as in VideoDataModule.
+        num_workers, seed, pin_memory, persistent_workers, shard_retry, context_parallel: as in
+            VideoDataModule.
 
     ``info`` (the latents_info.json: VAE, text encoder) and ``empty_text`` (the [L0, D]
     empty-caption embedding) are read at construction; the DiT module uses them.
@@ -415,9 +416,11 @@ class LatentDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         shard_retry: Mapping | None = None,
+        context_parallel: int = 1,
     ):
         super().__init__()
         self.shard_retry = ShardRetry.of(to_builtin(shard_retry))
+        self.context_parallel = check_context_parallel(context_parallel)
         self.train_kwargs = self._check(to_builtin(train), _TRAIN_KEYS, "train")
         self.val_kwargs = self._check(to_builtin(val), _VAL_KEYS, "val") if val is not None else None
         if num_workers < 0:
@@ -471,7 +474,7 @@ class LatentDataModule(L.LightningDataModule):
 
     def train_dataset(self, rank: int | None = None, world_size: int | None = None) -> LatentShardDataset:
         k = self.train_kwargs
-        env_rank, env_world = dist_rank_world()
+        env_rank, env_world = dist_rank_world(self.context_parallel)
         return LatentShardDataset(
             self.train_shards, patch_size=self.patch_size, stages=self.stages,
             empty_text=self.empty_text, cfg_dropout=k.get("cfg_dropout", 0.0),

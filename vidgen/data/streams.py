@@ -45,11 +45,24 @@ from torch.utils.data import IterableDataset, get_worker_info
 log = logging.getLogger(__name__)
 
 
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed if initialised, else env RANK/WORLD_SIZE."""
+def check_context_parallel(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"context_parallel must be an integer >= 1, got {value!r}")
+    return value
+
+
+def dist_rank_world(context_parallel: int = 1) -> tuple[int, int]:
+    """(rank, world size) from torch.distributed if initialised, else env RANK/WORLD_SIZE; with
+    context parallelism the data-parallel ones: the ``context_parallel`` neighbouring ranks of
+    a group read one stream."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if context_parallel < 1 or world % context_parallel:
+        raise ValueError(f"context_parallel={context_parallel} must divide the world size {world} "
+                         "(trainer.devices x trainer.num_nodes)")
+    return rank // context_parallel, world // context_parallel
 
 
 def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:

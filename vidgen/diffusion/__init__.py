@@ -6,6 +6,7 @@ from .flow import (
     resolution_shift,
     sample_timesteps,
     shift_timesteps,
+    token_flow_loss,
     velocity_target,
 )
 from .sampling import (
@@ -22,6 +23,7 @@ __all__ = [
     "cfg_model_fn",
     "i2v_cfg_model_fn",
     "flow_loss",
+    "token_flow_loss",
     "interpolate",
     "resolution_shift",
     "sample_euler",

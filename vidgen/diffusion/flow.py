@@ -157,3 +157,16 @@ def flow_loss(
             f"weight must be [{per_sample.numel()}] (one per sample), got {tuple(weight.shape)}"
         )
     return (per_sample * weight.to(per_sample)).mean()
+
+
+def token_flow_loss(pred: Tensor, x0: Tensor, eps: Tensor, token_weight: Tensor) -> Tensor:
+    """sum_n token_weight_n * mean_d((pred_n - (eps_n - x0_n))**2) over tokens [N, D] (fp32).
+
+    With the weights ``PackedBatch.loss_weights()`` this is ``flow_loss`` of the unpacked
+    samples; on a slice of the tokens (context parallelism) it is that slice's share of it.
+    """
+    if not pred.shape == x0.shape == eps.shape or pred.ndim != 2 or token_weight.shape != pred.shape[:1]:
+        raise ValueError(f"need pred, x0, eps [N, D] and token_weight [N], got {tuple(pred.shape)}, "
+                         f"{tuple(x0.shape)}, {tuple(eps.shape)}, {tuple(token_weight.shape)}")
+    err = (pred.float() - velocity_target(x0.float(), eps.float())) ** 2
+    return (err.mean(-1) * token_weight.float()).sum()

@@ -43,6 +43,15 @@ first frame's prediction consistent with the rest of the clip at every t (as Wan
 FSDP2: under Lightning's ``ModelParallelStrategy`` (``trainer=fsdp2``) ``configure_model`` shards
 every block, then the root, over all ranks (``fully_shard``); EMA shadows are sharded like
 the parameters and gathered one tensor at a time for checkpoints and the export.
+
+Context parallelism (``context_parallel=N``, one top-level key that sets model.context_parallel
+and data.context_parallel): the ranks form a ("dp", "cp") DeviceMesh; each group of N neighbouring
+ranks reads the same packed batch and draws the same noise and times (the loader and the
+generators use the data-parallel rank), each runs 1/N of the tokens through the DiT
+(``forward_packed_tokens(packed, cp)``) and takes the loss of its own tokens, summed over the
+group. DDP or FSDP2 then averages the gradients over all ranks, which is the data-parallel mean
+(see vidgen/models/dit/context_parallel.py). Validation losses run split the same way; the
+validation samples run whole on every rank.
 """
 
 from __future__ import annotations
@@ -59,10 +68,18 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from vidgen.diffusion import SAMPLERS, flow_loss, interpolate, resolution_shift, sample_timesteps
+from vidgen.data.streams import check_context_parallel
+from vidgen.diffusion import (
+    SAMPLERS,
+    interpolate,
+    resolution_shift,
+    sample_timesteps,
+    token_flow_loss,
+)
 from vidgen.diffusion.flow import TIMESTEP_MODES
 from vidgen.lit.vae import warmup_lambda
 from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_efficiency
+from vidgen.models.dit.context_parallel import ContextParallel, check_heads, data_and_context_mesh
 from vidgen.models.dit.packing import PackedBatch
 from vidgen.sample import PIPELINE_NAME, generate_latents, sampling_shift
 from vidgen.utils.checkpoint import find_export, read_module_state
@@ -156,6 +173,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         tokens (None / "none": latent condition only) and the image-condition dropout.
     val: num_samples, steps, solver, cfg_scale, timesteps (fixed validation loss times).
     fsdp: param_dtype (None | "bfloat16"), reduce_dtype, reshard_after_forward (FSDP2 only).
+    context_parallel: ranks that split each packed sequence (Ulysses, context_parallel.py);
+        they read the same batches (data.context_parallel) and draw the same noise.
     allow_identity_latent_stats, allow_latent_stats_mismatch: opt-outs of the latent-statistics
         checks in setup() (a VAE without statistics; a decoding VAE whose statistics differ
         from those the latents were normalised with).
@@ -185,6 +204,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         allow_latent_stats_mismatch: bool = False,
         image_encoder: str | None = None,
         image_dropout: float = 0.0,
+        context_parallel: int = 1,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -200,6 +220,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         if not 0.0 <= image_dropout <= 1.0:
             raise ValueError(f"model.image_dropout must be in [0, 1], got {image_dropout}")
         self.dit.gradient_checkpointing = activation_checkpointing
+        check_heads(check_context_parallel(context_parallel), self.dit.num_heads)
+        self._cp: ContextParallel | None = None  # the cp group, made in configure_model
         self.flow = _checked("flow", flow, FLOW_DEFAULTS)
         if self.flow["timestep_mode"] not in TIMESTEP_MODES:
             raise ValueError(f"model.flow.timestep_mode={self.flow['timestep_mode']!r}; valid: "
@@ -305,14 +327,23 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
                              f"{i2v.get('image_dim')} (image encoder {i2v.get('image_encoder')}): set "
                              f"model.dit.image_dim={i2v.get('image_dim')}")
 
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's data-parallel group: the ranks of a cp group share it (and its draws)."""
+        return self.global_rank // self.hparams.context_parallel
+
     def configure_model(self) -> None:
-        """torch.compile per block (optional) and FSDP2 sharding under ModelParallelStrategy."""
+        """torch.compile per block (optional), the context-parallel groups, and FSDP2 sharding
+        under ModelParallelStrategy."""
         if self._configured:
             return
         self._configured = True
         if self.hparams.compile:
             for block in self.dit.blocks:  # per block: names (and checkpoints) stay unchanged
                 block.compile(dynamic=True)
+        if self.hparams.context_parallel > 1:
+            _, self._cp = data_and_context_mesh(self.hparams.context_parallel,
+                                                self.trainer.strategy.root_device.type)
         if self.device_mesh is None:
             return
         from torch.distributed.device_mesh import init_device_mesh
@@ -322,7 +353,9 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             register_fsdp_forward_method,
         )
 
-        # Pure data parallelism over every rank, whatever 2D mesh the strategy made.
+        # Parameters shard over every rank, whatever 2D mesh the strategy made: with context
+        # parallelism over the (dp, cp) mesh flattened, as torchtitan shards over dp_shard x cp.
+        # Its gradient mean over all ranks is the data-parallel mean (context_parallel.py).
         world = torch.distributed.get_world_size()
         mesh = init_device_mesh(self.device_mesh.device_type, (world,), mesh_dim_names=("dp",))
         f = _checked("fsdp", self.hparams.fsdp or {}, FSDP_DEFAULTS)
@@ -331,7 +364,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         for block in self.dit.blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=f["reshard_after_forward"])
         fully_shard(self.dit, mesh=mesh, mp_policy=mp, reshard_after_forward=f["reshard_after_forward"])
-        register_fsdp_forward_method(self.dit, "forward_packed")  # FSDP hooks only wrap forward()
+        for method in ("forward_packed", "forward_packed_tokens"):  # FSDP hooks only wrap forward()
+            register_fsdp_forward_method(self.dit, method)
 
     def on_fit_start(self) -> None:
         if self.hparams.ema and self.ema is None:
@@ -376,8 +410,9 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         return self._empty_text.to(self.device)
 
     def _generator(self, *key: int, device: torch.device | None = None) -> torch.Generator:
-        """A generator seeded by (seed, rank, *key): the same draws in a resumed run."""
-        seed = np.random.SeedSequence([self.hparams.seed, self.global_rank, *key]).generate_state(1)[0]
+        """A generator seeded by (seed, data-parallel rank, *key): the same draws in a resumed run
+        and on every rank of a cp group."""
+        seed = np.random.SeedSequence([self.hparams.seed, self.data_parallel_rank, *key]).generate_state(1)[0]
         return torch.Generator(device=device or self.device).manual_seed(int(seed))
 
     # ---------------------------------------------------------------- batches
@@ -433,9 +468,14 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         # module docstring.
         x0 = p.x.float()
         eps = torch.randn(x0.shape, generator=gen, device=x0.device)
-        x_t = interpolate(x0, eps, p.per_token(t))
-        pred = self.dit.forward_packed(replace(p, x=x_t, t=t))
-        return flow_loss(pred, p.unpack(x0), p.unpack(eps), p.weight)
+        noisy = replace(p, x=interpolate(x0, eps, p.per_token(t)), t=t)
+        weight = p.loss_weights()
+        if self._cp is None:
+            return token_flow_loss(self.dit.forward_packed_tokens(noisy), x0, eps, weight)
+        # Context parallelism: this rank's tokens only (padding weighs 0), summed over the group.
+        shard = self._cp.shard(p.num_tokens)
+        pred = self.dit.forward_packed_tokens(noisy, self._cp)
+        return shard.sum(token_flow_loss(pred, shard.split(x0), shard.split(eps), shard.split(weight)))
 
     # ---------------------------------------------------------------- training
     def configure_optimizers(self):

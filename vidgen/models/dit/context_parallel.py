@@ -30,6 +30,37 @@ from torch import Tensor
 from .attention import attention
 
 
+def check_heads(cp_size: int, num_heads: int) -> None:
+    """Ulysses splits the heads across the cp ranks: ``cp_size`` must divide ``num_heads``."""
+    if num_heads % cp_size:
+        valid = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+        raise ValueError(
+            f"context parallel size {cp_size} must divide the number of attention heads "
+            f"({num_heads}); valid sizes: {valid}"
+        )
+
+
+def data_and_context_mesh(cp_size: int, device_type: str):
+    """A 2-D DeviceMesh ("dp", "cp") over every rank: the cp ranks of a group are neighbours
+    (ranks [g * cp_size, (g + 1) * cp_size) form data-parallel group g); with its
+    ``ContextParallel`` for this rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"context_parallel={cp_size} needs torch.distributed: launch with trainer.devices x "
+            "trainer.num_nodes a multiple of it (trainer=ddp or trainer=fsdp2)"
+        )
+    world = dist.get_world_size()
+    if cp_size < 1 or world % cp_size:
+        raise ValueError(
+            f"context_parallel={cp_size} must divide the world size {world} (trainer.devices x "
+            f"trainer.num_nodes); valid: {[d for d in range(1, world + 1) if world % d == 0]}"
+        )
+    mesh = init_device_mesh(device_type, (world // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
+    return mesh, ContextParallel.from_group(mesh["cp"].get_group())
+
+
 @dataclass(frozen=True)
 class ContextParallel:
     """A cp group: ``group`` (None = the default group), its ``size`` and this rank in it."""
@@ -45,12 +76,7 @@ class ContextParallel:
         return cls(group, dist.get_world_size(group), dist.get_rank(group))
 
     def check_heads(self, num_heads: int) -> None:
-        if num_heads % self.size:
-            valid = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
-            raise ValueError(
-                f"context parallel size {self.size} must divide the number of attention heads "
-                f"({num_heads}); valid sizes: {valid}"
-            )
+        check_heads(self.size, num_heads)
 
     def shard(self, num_tokens: int) -> SequenceShard:
         """The plan for a sequence of ``num_tokens`` real tokens."""
@@ -76,6 +102,11 @@ class SequenceShard:
             fill = torch.as_tensor(fill, dtype=t.dtype, device=t.device)
             t = torch.cat([t, fill.expand(pad, *t.shape[1:])])
         return t[self.cp.rank * self.local : (self.cp.rank + 1) * self.local]
+
+    def sum(self, t: Tensor) -> Tensor:
+        """The sum of ``t`` over the group's ranks, on every rank (differentiable like gather:
+        its backward sums the ranks' gradients)."""
+        return _Sum.apply(t, self.cp)
 
     def gather(self, t: Tensor) -> Tensor:
         """This rank's [local, ...] -> the whole [total, ...] on every rank (differentiable)."""
@@ -152,3 +183,18 @@ class _Gather(torch.autograd.Function):
         dist.all_reduce(grad, group=ctx.cp.group)
         local = grad.shape[0] // ctx.cp.size
         return grad[ctx.cp.rank * local : (ctx.cp.rank + 1) * local], None
+
+
+class _Sum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cp):
+        ctx.cp = cp
+        out = x.clone()
+        dist.all_reduce(out, group=cp.group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.cp.group)
+        return grad, None

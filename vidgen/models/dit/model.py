@@ -517,6 +517,12 @@ class WanDiT(nn.Module):
         cp: a context-parallel group whose ranks all pass the same ``packed``: each runs
         1/cp of the tokens (see context_parallel.py) and all return the whole output.
         """
+        out = self.forward_packed_tokens(packed, cp)
+        return packed.unpack(out if cp is None else cp.shard(packed.num_tokens).gather(out))
+
+    def forward_packed_tokens(self, packed: PackedBatch, cp: ContextParallel | None = None) -> Tensor:
+        """``forward_packed`` before unpacking: the predicted velocity tokens [N, pt*ph*pw*C_out];
+        with ``cp``, only this rank's slice ``cp.shard(packed.num_tokens)`` of them (padded)."""
         if packed.t is None:
             raise ValueError(
                 "packed.t is None: sample timesteps first (dataclasses.replace(packed, t=...))"
@@ -565,8 +571,7 @@ class WanDiT(nn.Module):
             seg_ids = shard.split(seg_ids, fill=packed.num_samples - 1)
         layout = TokenLayout(seg_ids, self_attn, cross_attn, image_attn, shard)
         image = None if packed.image is None else packed.image[None]
-        out = self._run(tokens[None], packed.t, packed.context[None], positions, layout, image)[0]
-        return packed.unpack(out if shard is None else shard.gather(out))
+        return self._run(tokens[None], packed.t, packed.context[None], positions, layout, image)[0]
 
     def _check_conditioning(self, cond_channels: tuple | None, image_dim: tuple | None):
         """I2V inputs present exactly when the model takes them, with the right widths."""

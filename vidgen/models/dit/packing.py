@@ -141,6 +141,12 @@ class PackedBatch:
         """Broadcast per-sample values [S, ...] to tokens [N, ...]."""
         return values[self.seg_ids]
 
+    def loss_weights(self) -> Tensor:
+        """[N] token weights weight_i / (tokens_i * S): a weighted sum of per-token losses is
+        the mean over samples of weight_i times the sample's mean loss (``flow_loss``)."""
+        counts = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).to(self.weight)
+        return self.per_token(self.weight / (counts * self.num_samples))
+
     def unpack(self, tokens: Tensor) -> list[Tensor]:
         """tokens [N, pt*ph*pw*C'] (e.g. the model output) -> list of [C', T, H, W]."""
         sizes = [math.prod(g) for g in self.grids]
