@@ -115,6 +115,7 @@ bench: $(STAMP)  ## benchmarks against peer implementations (prints ratios)
 	$(PY) bench/bench_vae.py
 	$(PY) bench/bench_vae_stage3.py
 	$(PY) bench/bench_dit.py
+	$(PY) bench/bench_cp.py
 
 # what bench/gpu_check.sh needs beyond a CUDA PyTorch image (a regex of names; the DiT stages need
 # transformers and the MiniLM text encoder package), at the versions

@@ -15,6 +15,10 @@
 #                  0), latent statistics, latent precompute, DiT stages 1 -> 2;
 #   5. mfu         bench/bench_dit.py for the 1.3B shape in bf16 with activation
 #                  checkpointing: tokens/s vs diffusers and MFU (target >= 40%), also as JSON.
+#   6. cp          bench/bench_cp.py on CUDA (NCCL), only with 2 or more GPUs: per-rank peak
+#                  memory and tokens/s of context parallelism (cp=2, and 4 with 4 GPUs) against
+#                  cp=1 at the 1.3B width for 16k-64k tokens, also as JSON; with one GPU the
+#                  summary records it as skipped.
 #
 # Each step writes OUT_DIR/<step>.log and a line to OUT_DIR/summary.txt; a failing step does
 # not stop the later ones, and the script's exit status is 1 if any step failed.
@@ -107,6 +111,15 @@ rm -rf "$data"
 
 step mfu "$PY" bench/bench_dit.py --device cuda --dtype bfloat16 --size 1.3B --checkpointing \
     --json "$OUT_DIR/dit.json"
+
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if (( gpus >= 2 )); then
+    cps=(2); (( gpus >= 4 )) && cps=(2 4)
+    step cp "$PY" bench/bench_cp.py --device cuda --cp "${cps[@]}" --dim 1536 --heads 12 --layers 4 \
+        --tokens 16384 32768 65536 --json "$OUT_DIR/cp.json"
+else
+    echo "cp skipped: context parallelism needs 2 or more GPUs, this machine has $gpus" | tee -a "$OUT_DIR/summary.txt"
+fi
 
 cat "$OUT_DIR/summary.txt"
 exit $failed
