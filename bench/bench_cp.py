@@ -11,7 +11,8 @@ grid) a training step (forward_packed_tokens, flow loss on the local tokens, bac
 optimizer step) with activation checkpointing, on one process (cp=1) and on cp processes that
 split the sequence (each rank's peak memory above its start: CPU peak RSS, CUDA the
 allocator's peak; the largest over the ranks), taken on the first step; on a CPU each
-(cp size, length) runs in fresh processes, so that the RSS peak is clean. tokens/s is N / (median step time). On a CPU the cp=1 process gets cp
+(cp size, length) runs in fresh processes with glibc's mmap threshold at 64 KiB (large blocks
+go back to the system when freed), so that the RSS peak follows the live tensors. tokens/s is N / (median step time). On a CPU the cp=1 process gets cp
 threads and each cp rank one, so both use the same cores; gloo's all-to-all goes through
 shared memory there, not NVLink, so the CPU speed ratio says little about GPUs; the memory
 ratio is the figure that carries over.
@@ -30,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,15 +56,30 @@ def _packed(n_tokens: int, channels: int, text_dim: int, device, dtype):
     return pack_samples([sample], (1, 2, 2), side * side)[0].to(device, dtype)
 
 
-def _worker(rank: int, world: int, args, port: int, results: str) -> None:
+def _step(model: WanDiT, p, cp: ContextParallel | None, amp: dict) -> None:
+    """One training step without the optimizer: forward, flow loss on the local tokens, backward."""
+    eps = torch.randn_like(p.x)
+    with torch.autocast(**amp):
+        out = model.forward_packed_tokens(p, cp)
+    if cp is None:
+        loss = token_flow_loss(out, p.x, eps, p.loss_weights())
+    else:
+        shard = cp.shard(p.num_tokens)
+        loss = shard.sum(token_flow_loss(out, shard.split(p.x), shard.split(eps), shard.split(p.loss_weights())))
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _worker(rank: int, world: int, args, results: str) -> None:
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
     if args.device == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(1 if world > 1 or args.device == "cuda" else max(args.cp))
     cp = None
     if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=rank, world_size=world)
+        # a FileStore: no rank's exit can take a TCP store down under the others
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=rank, world_size=world,
+                                init_method=f"file://{results}.store")
         cp = ContextParallel.from_group()
     torch.manual_seed(0)
     model = WanDiT(dim=args.dim, ffn_dim=4 * args.dim, num_heads=args.heads, num_layers=args.layers,
@@ -72,21 +89,7 @@ def _worker(rank: int, world: int, args, port: int, results: str) -> None:
     rows = []
     for n in args.tokens[:1] if args.device == "cpu" else args.tokens:  # CPU: one length per process
         p = _packed(n, 16, 64, device, torch.float32)
-        x0 = p.x
-        eps = torch.randn_like(x0)
-        shard = cp.shard(p.num_tokens) if cp else None
-        weight = p.loss_weights()
-
-        def step():
-            with torch.autocast(**amp):
-                out = model.forward_packed_tokens(p, cp)
-            if shard is None:
-                loss = token_flow_loss(out, x0, eps, weight)
-            else:
-                loss = shard.sum(token_flow_loss(out, shard.split(x0), shard.split(eps), shard.split(weight)))
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-
+        step = partial(_step, model, p, cp, amp)
         peak = peak_bytes(step, device)  # the first step of a fresh process: a clean peak on CPU
         times = []
         for _ in range(args.steps):
@@ -109,25 +112,25 @@ def _worker(rank: int, world: int, args, port: int, results: str) -> None:
         dist.destroy_process_group()
 
 
-def measure(args, cp_size: int, port: int) -> list[dict]:
+def measure(args, cp_size: int) -> list[dict]:
     if args.device == "cpu":  # RSS peaks are only clean in a fresh process: one per length
-        return [row for i, n in enumerate(args.tokens)
-                for row in _measure(argparse.Namespace(**{**vars(args), "tokens": [n]}), cp_size, port + 10 * i)]
-    return _measure(args, cp_size, port)
+        return [row for n in args.tokens
+                for row in _measure(argparse.Namespace(**{**vars(args), "tokens": [n]}), cp_size)]
+    return _measure(args, cp_size)
 
 
-def _measure(args, cp_size: int, port: int) -> list[dict]:
+def _measure(args, cp_size: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         if cp_size == 1:
             ctx = mp.get_context("spawn")
-            proc = ctx.Process(target=_worker, args=(0, 1, args, port, out))
+            proc = ctx.Process(target=_worker, args=(0, 1, args, out))
             proc.start()
             proc.join()
             if proc.exitcode:
                 raise RuntimeError(f"the cp=1 run failed (exit code {proc.exitcode})")
         else:
-            mp.spawn(_worker, args=(cp_size, args, port, out), nprocs=cp_size, join=True)
+            mp.spawn(_worker, args=(cp_size, args, out), nprocs=cp_size, join=True)
         return json.loads(Path(out).read_text())
 
 
@@ -195,13 +198,15 @@ def main() -> None:
     for cp in args.cp:
         if args.heads % cp:
             raise SystemExit(f"--cp {cp} must divide --heads {args.heads}")
+    if args.device == "cpu":  # glibc: large blocks mmap'd and returned on free, so RSS tracks live tensors
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # (read by each spawned process)
     print(f"DiT dim {args.dim}, {args.heads} heads, {args.layers} layers, activation checkpointing, "
           f"{args.device}{' bf16 autocast' if args.device == 'cuda' else ' fp32'}")
-    base = measure(args, 1, 29610)
+    base = measure(args, 1)
     report = {"cp1": base}
     header = f"{'tokens':>7} {'cp=1 peak':>13} {'tok/s':>8}"
     for cp in args.cp:
-        report[f"cp{cp}"] = measure(args, cp, 29700 + 100 * cp)
+        report[f"cp{cp}"] = measure(args, cp)
         header += f" {f'cp={cp} peak/rank':>18} {'mem ratio':>9} {'tok/s':>8} {'speed ratio':>11}"
     print(header)
     for i, row in enumerate(base):
