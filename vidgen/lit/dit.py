@@ -79,7 +79,7 @@ from vidgen.diffusion import (
 from vidgen.diffusion.flow import TIMESTEP_MODES
 from vidgen.lit.vae import warmup_lambda
 from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_efficiency
-from vidgen.models.dit.context_parallel import ContextParallel, check_heads, data_and_context_mesh
+from vidgen.models.dit.context_parallel import ContextParallel, check_heads, context_parallel_group
 from vidgen.models.dit.packing import PackedBatch
 from vidgen.sample import PIPELINE_NAME, generate_latents, sampling_shift
 from vidgen.utils.checkpoint import find_export, read_module_state
@@ -342,8 +342,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             for block in self.dit.blocks:  # per block: names (and checkpoints) stay unchanged
                 block.compile(dynamic=True)
         if self.hparams.context_parallel > 1:
-            _, self._cp = data_and_context_mesh(self.hparams.context_parallel,
-                                                self.trainer.strategy.root_device.type)
+            self._cp = context_parallel_group(self.hparams.context_parallel,
+                                              self.trainer.strategy.root_device.type)
         if self.device_mesh is None:
             return
         from torch.distributed.device_mesh import init_device_mesh

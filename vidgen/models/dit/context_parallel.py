@@ -40,10 +40,9 @@ def check_heads(cp_size: int, num_heads: int) -> None:
         )
 
 
-def data_and_context_mesh(cp_size: int, device_type: str):
-    """A 2-D DeviceMesh ("dp", "cp") over every rank: the cp ranks of a group are neighbours
-    (ranks [g * cp_size, (g + 1) * cp_size) form data-parallel group g); with its
-    ``ContextParallel`` for this rank."""
+def context_parallel_group(cp_size: int, device_type: str) -> ContextParallel:
+    """This rank's cp group in a 2-D DeviceMesh ("dp", "cp") over every rank: the cp ranks of
+    a group are neighbours (ranks [g * cp_size, (g + 1) * cp_size) form data-parallel group g)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if not dist.is_initialized():
@@ -58,7 +57,7 @@ def data_and_context_mesh(cp_size: int, device_type: str):
             f"trainer.num_nodes); valid: {[d for d in range(1, world + 1) if world % d == 0]}"
         )
     mesh = init_device_mesh(device_type, (world // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
-    return mesh, ContextParallel.from_group(mesh["cp"].get_group())
+    return ContextParallel.from_group(mesh["cp"].get_group())
 
 
 @dataclass(frozen=True)
