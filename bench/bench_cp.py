@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import mib, peak_bytes, sync  # noqa: E402
 
-from vidgen.diffusion import token_flow_loss  # noqa: E402
+from vidgen.lit.dit import packed_flow_loss  # noqa: E402
 from vidgen.models.dit import WanDiT, pack_samples  # noqa: E402
 from vidgen.models.dit.context_parallel import ContextParallel  # noqa: E402
 
@@ -58,14 +58,8 @@ def _packed(n_tokens: int, channels: int, text_dim: int, device, dtype):
 
 def _step(model: WanDiT, p, cp: ContextParallel | None, amp: dict) -> None:
     """One training step without the optimizer: forward, flow loss on the local tokens, backward."""
-    eps = torch.randn_like(p.x)
     with torch.autocast(**amp):
-        out = model.forward_packed_tokens(p, cp)
-    if cp is None:
-        loss = token_flow_loss(out, p.x, eps, p.loss_weights())
-    else:
-        shard = cp.shard(p.num_tokens)
-        loss = shard.sum(token_flow_loss(out, shard.split(p.x), shard.split(eps), shard.split(p.loss_weights())))
+        loss = packed_flow_loss(model, p, p.x, torch.randn_like(p.x), cp)
     loss.backward()
     model.zero_grad(set_to_none=True)
 

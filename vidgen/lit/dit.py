@@ -125,6 +125,21 @@ def load_dit(path: str | os.PathLike, prefer_ema: bool = True, trust: bool = Fal
     return model
 
 
+def packed_flow_loss(dit: WanDiT, noisy: PackedBatch, x0: torch.Tensor, eps: torch.Tensor,
+                     cp: ContextParallel | None = None) -> torch.Tensor:
+    """``flow_loss`` of the packed samples: ``noisy`` holds x_t and t, x0 / eps the [N, D] tokens.
+
+    With ``cp`` each rank takes the loss of its own tokens (padding weighs 0), summed over the
+    group: every rank returns the whole loss (context_parallel.py).
+    """
+    weight = noisy.loss_weights()
+    if cp is None:
+        return token_flow_loss(dit.forward_packed_tokens(noisy), x0, eps, weight)
+    shard = cp.shard(noisy.num_tokens)
+    pred = dit.forward_packed_tokens(noisy, cp)
+    return shard.sum(token_flow_loss(pred, shard.split(x0), shard.split(eps), shard.split(weight)))
+
+
 FLOW_DEFAULTS = dict(timestep_mode="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0,
                      resolution_shift=False, base_tokens=256, base_shift=1.0, max_tokens=32760,
                      max_shift=5.0)
@@ -469,13 +484,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         x0 = p.x.float()
         eps = torch.randn(x0.shape, generator=gen, device=x0.device)
         noisy = replace(p, x=interpolate(x0, eps, p.per_token(t)), t=t)
-        weight = p.loss_weights()
-        if self._cp is None:
-            return token_flow_loss(self.dit.forward_packed_tokens(noisy), x0, eps, weight)
-        # Context parallelism: this rank's tokens only (padding weighs 0), summed over the group.
-        shard = self._cp.shard(p.num_tokens)
-        pred = self.dit.forward_packed_tokens(noisy, self._cp)
-        return shard.sum(token_flow_loss(pred, shard.split(x0), shard.split(eps), shard.split(weight)))
+        return packed_flow_loss(self.dit, noisy, x0, eps, self._cp)
 
     # ---------------------------------------------------------------- training
     def configure_optimizers(self):

@@ -9,10 +9,12 @@ cut off first, so it is attended by nothing and attends to nothing), and a secon
 goes back. Text and image keys are replicated on every rank, so cross-attention takes this
 rank's heads of them and needs the all-to-all for the queries only.
 
-Gradients: the output is all-gathered so that every rank computes the same loss; the
-gather's backward sums the ranks' gradients (as torch's differentiable all_gather does).
-Each rank's parameter gradients are then cp x its share, and the data-parallel mean over
-all ranks (DDP, FSDP) gives the gradient of the uninterrupted single-process step.
+Gradients: every rank must end with the same loss. Training takes each rank's loss on its
+own tokens and sums it over the group (``SequenceShard.sum``); ``WanDiT.forward_packed``
+all-gathers the output instead (``gather``). Both backwards sum the ranks' gradients (as
+torch's differentiable collectives do), so each rank's parameter gradients are cp x its
+share, and the data-parallel mean over all ranks (DDP, FSDP) gives the gradient of the
+uninterrupted single-process step.
 
 As in DeepSpeed-Ulysses, the number of heads must divide by the cp size.
 """
