@@ -77,7 +77,6 @@ from vidgen.diffusion import (
     token_flow_loss,
 )
 from vidgen.diffusion.flow import TIMESTEP_MODES
-from vidgen.lit.vae import warmup_lambda
 from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_efficiency
 from vidgen.models.dit.context_parallel import ContextParallel, check_heads, context_parallel_group
 from vidgen.models.dit.packing import PackedBatch
@@ -86,6 +85,7 @@ from vidgen.utils.checkpoint import find_export, read_module_state
 from vidgen.utils.config import checked_options
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard
+from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
 from vidgen.utils.logging import add_data_counts, log_video_grid
 
 
@@ -491,7 +491,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         o = self.hparams.optim
         opt = torch.optim.AdamW(self.dit.parameters(), lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))),
                                 weight_decay=o.get("weight_decay", 0.0))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(o.get("warmup_steps", 0)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, optim_lr_lambda(o, trainer_max_steps(self)))
         return [opt], [sched]
 
     def _grad_norm(self) -> torch.Tensor:

@@ -39,6 +39,7 @@ from vidgen.utils.config import checked_options
 from vidgen.utils.distributed import average_grads_, broadcast_
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard, grads_finite_flag
+from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
 from vidgen.utils.logging import add_data_counts, log_video_grid
 
 # model.gan: every key, with its default. adaptive_max is in the units of the summed loss
@@ -49,11 +50,6 @@ GAN_DEFAULTS = dict(start_step=0, weight=0.1, adaptive_max=1e4, reg="lecam", reg
 GAN_REGS = {"lecam": 0.001, "r1": 1.0, "none": 0.0}
 # VAE options that inflation takes from the stage-2 config rather than the 2D model's
 INFLATION_KEYS = ("temporal_downsample", "dropout")
-
-
-def warmup_lambda(warmup_steps: int):
-    """Linear warm-up from ~0 to 1 over `warmup_steps`, then constant."""
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
 
 
 def load_vae(path: str | os.PathLike, prefer_ema: bool = True, trust: bool = False) -> WanVAE:
@@ -180,9 +176,8 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         opt_g = torch.optim.AdamW(
             self.vae.parameters(), lr=o["lr"], betas=betas, weight_decay=o.get("weight_decay", 0.0)
         )
-        sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-            opt, warmup_lambda(o.get("warmup_steps", 0))
-        )
+        factor = optim_lr_lambda(o, trainer_max_steps(self))
+        sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)  # noqa: E731
         if self.disc is None:
             return [opt_g], [sched(opt_g)]
         opt_d = torch.optim.AdamW(
