@@ -85,8 +85,8 @@ from vidgen.utils.checkpoint import find_export, read_module_state
 from vidgen.utils.config import checked_options
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard
-from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
 from vidgen.utils.logging import add_data_counts, log_video_grid
+from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
 
 
 def build_dit(size: str | None, dit: dict) -> WanDiT:

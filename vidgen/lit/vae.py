@@ -39,8 +39,8 @@ from vidgen.utils.config import checked_options
 from vidgen.utils.distributed import average_grads_, broadcast_
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard, grads_finite_flag
-from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
 from vidgen.utils.logging import add_data_counts, log_video_grid
+from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
 
 # model.gan: every key, with its default. adaptive_max is in the units of the summed loss
 # (taming-transformers / Wan: L1 and KL summed per clip), see VAEModule.training_step.

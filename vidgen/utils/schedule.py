@@ -17,7 +17,7 @@ function of the step count, which the scheduler's state carries.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 DECAYS = ("constant", "cosine", "linear")
 
