@@ -54,10 +54,10 @@ def lr_lambda(
 
 
 def optim_lr_lambda(optim: dict, max_steps: int | None) -> Callable[[int], float]:
-    """`lr_lambda` from an `optim` config: warmup_steps, decay, decay_steps (null: max_steps),
-    min_lr_ratio. A decay needs a step count: `max_steps` of -1 or None counts as missing."""
+    """`lr_lambda` from an `optim` config: warmup_steps, decay, decay_steps (null: max_steps,
+    as `trainer_max_steps` gives it: None when the run has no step limit)."""
     decay_steps = optim.get("decay_steps")
-    if decay_steps is None and max_steps is not None and max_steps > 0:
+    if decay_steps is None:
         decay_steps = max_steps
     return lr_lambda(
         warmup_steps=optim.get("warmup_steps", 0),
