@@ -41,7 +41,7 @@ import time
 import numpy as np
 from torch.utils.data import DataLoader
 
-from vidgen.data.pipeline import build_video_dataset
+from vidgen.data.pipeline import build_video_dataset, keep_batch
 from vidgen.data.shards import VideoShardWriter
 from vidgen.data.synthetic import make_synthetic_dataset
 from vidgen.data.video import open_video, resize_frames, sample_frame_indices
@@ -87,13 +87,22 @@ def write_image_shards(videos: list[bytes], out: str, size: int) -> list[bytes]:
     return jpegs
 
 
-def raw_image_rate(jpegs: list[bytes], num_images: int) -> tuple[float, float]:
-    """(images/s, images per CPU-s) decoding in-memory JPEGs with PIL in a plain loop."""
+def raw_image_rate(jpegs: list[bytes], num_images: int, decoder: str = "pil") -> tuple[float, float]:
+    """(images/s, images per CPU-s) decoding in-memory JPEGs to uint8 ``[H, W, 3]`` in a
+    plain loop, with PIL or with simplejpeg (libjpeg-turbo, what the pipeline uses)."""
+    import simplejpeg
     from PIL import Image
 
+    def pil(data):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def turbo(data):
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+    decode = {"pil": pil, "simplejpeg": turbo}[decoder]
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(num_images):
-        np.asarray(Image.open(io.BytesIO(jpegs[i % len(jpegs)])).convert("RGB"))
+        decode(jpegs[i % len(jpegs)])
     return num_images / (time.perf_counter() - wall), num_images / (time.process_time() - cpu)
 
 
@@ -130,7 +139,7 @@ def pipeline_rate(shards: str, workers: int, args, dtype: str = "float32", frame
         batch_size=args.batch_size, batches_per_epoch=num_batches + max(1, workers),
         shuffle_buffer=args.shuffle_buffer, seed=0, dtype=dtype,
     )
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=None, collate_fn=keep_batch, num_workers=workers)  # as VideoDataModule
     cpu_main, cpu_children = time.process_time(), _children_cpu()
     it = iter(loader)
     total = 0
@@ -201,6 +210,8 @@ def main() -> None:
             print(f"\n{args.image_size}px JPEG images into a 1x{args.image_size}x{args.image_size} bucket "
                   "(img2dataset layout); rates in images")
             print(f"{'raw PIL decode loop':<30}{img_wall:>9.1f}{img_wall:>12.1f}{1.0:>8.2f}{img_cpu:>13.1f}{1.0:>8.2f}")
+            row("raw simplejpeg decode loop", [raw_image_rate(jpegs, args.images, "simplejpeg") for _ in range(args.trials)],
+                img_wall, img_cpu, 0)
             for workers in args.workers:
                 row(f"uint8 images, {workers} worker(s)",
                     trials(os.path.join(tmp, "images"), workers, args, "uint8", frames=1, size=args.image_size,

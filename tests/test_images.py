@@ -124,6 +124,42 @@ def test_bad_images_are_skipped_and_counted(tmp_path, caplog):
     assert keys == [] and caplog.text.count("(too_short): an image fits only 1-frame buckets") == 5
 
 
+def jpeg_claiming(width, height) -> bytes:
+    """A hostile JPEG: a 16x16 image whose frame header (SOF0) claims ``width x height``."""
+    import struct
+
+    data = bytearray(encoded(np.zeros((16, 16, 3), np.uint8)))
+    sof = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height, width
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_jpegs_decode_as_pil_decodes_them_and_bad_ones_raise():
+    """The libjpeg-turbo (simplejpeg) path gives PIL's pixels for the JPEG kinds users bring;
+    CMYK goes through PIL; truncated and hostile JPEGs raise what the pipeline counts."""
+    frame = picture(40, 48, 3)
+    grey, cmyk = (Image.fromarray(frame).convert(mode) for mode in ("L", "CMYK"))
+    cases = [encoded(frame), encoded(frame, subsampling=0, quality=95), encoded(frame, progressive=True),
+             _save(grey), _save(cmyk)]
+    for data in cases:
+        want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        got = decode_image(data)
+        assert got.shape == (1, 40, 48, 3) and got.dtype == np.uint8
+        np.testing.assert_array_equal(got[0], want)
+    with pytest.raises(OSError, match="undecodable JPEG: Premature end of JPEG"):
+        decode_image(cases[0][:-20])  # entropy-coded data cut short
+    with pytest.raises(OSError, match="undecodable JPEG"):
+        decode_image(b"\xff\xd8 not a jpeg" * 20)
+    with pytest.raises(Image.DecompressionBombError, match="15000x15000 JPEG"):
+        decode_image(jpeg_claiming(15000, 15000))
+
+
+def _save(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG")
+    return buf.getvalue()
+
+
 def test_image_size_is_probed_when_the_json_lacks_it(tmp_path):
     with wds.TarWriter(str(tmp_path / "bare.tar")) as tar:
         for i in range(3):

@@ -41,6 +41,7 @@ from vidgen.data.pipeline import (
     BATCH_DTYPES,
     VideoShardDataset,
     build_video_dataset,
+    keep_batch,
     resolve_buckets,
 )
 from vidgen.data.shard_io import ShardRetry
@@ -237,6 +238,7 @@ class VideoDataModule(L.LightningDataModule):
             dataset,
             position_fn=position_fn,
             batch_size=None,  # batches are made (and bucketed) inside the workers
+            collate_fn=keep_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
