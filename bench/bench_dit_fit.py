@@ -89,9 +89,9 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
         gen = torch.Generator().manual_seed(0)  # the same noise and timesteps for both
 
-        def loss_at(t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        def loss_at(t: torch.Tensor, noise: torch.Tensor, f=predict[name], model=model) -> torch.Tensor:
             tt = t.view(-1, 1, 1, 1, 1)
-            return (predict[name](model, (1 - tt) * x0 + tt * noise, t) - (noise - x0)).square().mean()
+            return (f(model, (1 - tt) * x0 + tt * noise, t) - (noise - x0)).square().mean()
 
         start = time.perf_counter()
         for step in range(args.steps + 1):
