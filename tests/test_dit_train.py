@@ -257,3 +257,14 @@ def test_compiled_blocks_train_like_eager(tmp_path, setup):
     assert a.keys() == b.keys()  # per-block compile keeps parameter names (checkpoints load either way)
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_golden_loss_curve_of_the_tiny_dit(tmp_path, setup):
+    """DiT stage 1, 20 steps, against the recorded curve."""
+    from golden import check_golden
+
+    train(_cfg(tmp_path / "run", setup, "demo/dit_stage1", "trainer.max_steps=20", "seed=0",
+               "data.train.batches_per_epoch=20"))
+    losses = _series(tmp_path / "run", "train/loss")
+    assert len(losses) == 20
+    check_golden("dit_tiny_stage1", losses)

@@ -160,3 +160,16 @@ def test_stage3_gan_run_and_exact_resume(tmp_path, synthetic_data):
     with open(full / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert any(r.get("train/d_loss") for r in rows), "the discriminator trained"
+
+
+def test_golden_loss_curve_of_the_tiny_vae(tmp_path, synthetic_data):
+    """VAE stage 1 then stage 2 (inflated), 10 steps each, against the recorded curves."""
+    from golden import check_golden
+
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    common = ("data.train.batches_per_epoch=10", "optim.warmup_steps=2", "seed=0", "trainer.max_steps=10")
+    train(_cfg(s1, synthetic_data, "demo/vae_stage1", *common))
+    train(_cfg(s2, synthetic_data, "demo/vae_stage2", *common, f"model.init_from={s1}"))
+    losses = _losses(s1) + _losses(s2)
+    assert len(losses) == 20
+    check_golden("vae_tiny_stage1_stage2", losses)
