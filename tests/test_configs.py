@@ -166,3 +166,23 @@ def test_slurm_launcher_config():
     cfg = _compose(["launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=4"])
     assert "submitit" in cfg.hydra.launcher._target_
     assert cfg.hydra.launcher.nodes == 4 and cfg.hydra.launcher.tasks_per_node == 8
+
+
+def test_the_model_yaml_files_repeat_the_modules_defaults_exactly():
+    """configs/model/{vae,dit}.yaml spell out the defaults of the modules' option dicts
+    (documentation); the modules hold them (LOSS_DEFAULTS, FLOW_DEFAULTS, ...). They agree."""
+    from vidgen.lit.dit import FLOW_DEFAULTS, FSDP_DEFAULTS, VAL_DEFAULTS
+    from vidgen.lit.vae import LOSS_DEFAULTS
+
+    vae, dit = (OmegaConf.load(CONFIGS / "model" / f"{m}.yaml") for m in ("vae", "dit"))
+    for cfg, key, defaults in ((vae, "loss", LOSS_DEFAULTS), (dit, "flow", FLOW_DEFAULTS),
+                               (dit, "val", VAL_DEFAULTS), (dit, "fsdp", FSDP_DEFAULTS)):
+        assert OmegaConf.to_container(cfg[key]) == defaults, key
+
+
+def test_a_misspelt_vae_loss_key_is_an_error_naming_the_valid_ones():
+    from vidgen.lit.vae import VAEModule
+
+    with pytest.raises(ValueError, match=r"model.loss has unknown keys \['lpips_wieght'\]; valid: .*lpips_weight"):
+        VAEModule(vae=dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temporal_downsample=[False]),
+                  loss=dict(lpips_wieght=0.0), optim=dict(lr=1e-4))

@@ -79,7 +79,7 @@ def test_discriminator_regulariser_weights(tmp_path, synthetic_data, reg, weight
 
 
 def _module(**kwargs):
-    base = dict(vae=dict(TINY, temporal=True, temporal_downsample=[True, True]), loss=dict(l1_weight=1.0, kl_weight=1e-6), optim=dict(lr=1e-4))
+    base = dict(vae=dict(TINY, temporal=True, temporal_downsample=[True, True]), loss=dict(l1_weight=1.0, kl_weight=1e-6, lpips_weight=0.0), optim=dict(lr=1e-4))
     return VAEModule(**{**base, **kwargs})
 
 

@@ -141,7 +141,7 @@ def packed_flow_loss(dit: WanDiT, noisy: PackedBatch, x0: torch.Tensor, eps: tor
 
 
 FLOW_DEFAULTS = dict(timestep_mode="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0,
-                     resolution_shift=False, base_tokens=256, base_shift=1.0, max_tokens=32760,
+                     resolution_shift=True, base_tokens=256, base_shift=1.0, max_tokens=32760,
                      max_shift=5.0)
 VAL_DEFAULTS = dict(num_samples=2, steps=20, solver="euler", cfg_scale=5.0,
                     timesteps=[0.1, 0.3, 0.5, 0.7, 0.9])

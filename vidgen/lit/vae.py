@@ -42,6 +42,9 @@ from vidgen.utils.guards import NonFiniteGuard, grads_finite_flag
 from vidgen.utils.logging import add_data_counts, log_video_grid
 from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
 
+# model.loss: every key, with its default (configs/model/vae.yaml repeats them, as documentation).
+LOSS_DEFAULTS = dict(l1_weight=1.0, kl_weight=1e-6, lpips_weight=1.0, lpips_net="vgg", lpips_weights=None,
+                     lpips_random_backbone=False, lpips_frames=None)
 # model.gan: every key, with its default. adaptive_max is in the units of the summed loss
 # (taming-transformers / Wan: L1 and KL summed per clip), see VAEModule.training_step.
 GAN_DEFAULTS = dict(start_step=0, weight=0.1, adaptive_max=1e4, reg="lecam", reg_weight=None,
@@ -113,13 +116,11 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
             )
         if init_from:
             self._init_from(init_from)
-        lp = dict(loss)
+        self.loss_cfg = lp = checked_options("model.loss", loss, LOSS_DEFAULTS)
         self.lpips = None
-        if lp.get("lpips_weight", 0) > 0:
+        if lp["lpips_weight"] > 0:
             self.lpips = build_lpips(
-                net=lp.get("lpips_net", "alex"),
-                weights_path=lp.get("lpips_weights"),
-                random_backbone=lp.get("lpips_random_backbone", False),
+                net=lp["lpips_net"], weights_path=lp["lpips_weights"], random_backbone=lp["lpips_random_backbone"]
             )
         self.disc = Discriminator3D(**dict(disc)) if disc else None
         self.gan = checked_options("model.gan", gan, GAN_DEFAULTS)
@@ -236,7 +237,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         opt_g, opt_d = (opts, None) if self.disc is None else opts
         sched_g, sched_d = (scheds, None) if self.disc is None else scheds
         self._count_bucket(batch)
-        lp = self.hparams.loss
+        lp = self.loss_cfg
         step = self.steps_done  # batches trained (global_step skips NaN-skipped steps)
         gan_on = self.disc is not None and step >= self.gan["start_step"]
 
@@ -244,8 +245,8 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         total, logs = vae_loss(
             x, recon, mu, logvar,
             l1_weight=lp["l1_weight"], kl_weight=lp["kl_weight"],
-            lpips_weight=lp.get("lpips_weight", 0.0), lpips_fn=self.lpips,
-            lpips_frames=lp.get("lpips_frames"), generator=self.noise,
+            lpips_weight=lp["lpips_weight"], lpips_fn=self.lpips,
+            lpips_frames=lp["lpips_frames"], generator=self.noise,
         )
         if gan_on:
             self.toggle_optimizer(opt_g)
