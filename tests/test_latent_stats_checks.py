@@ -16,8 +16,8 @@ from test_latents import _one_thread, cached_text_encoder, compose_tool, encode,
 
 from vidgen.evaluate import evaluate
 from vidgen.models.vae import WanVAE
+from vidgen.models.vae.stats import check_same_stats, is_identity
 from vidgen.run import train
-from vidgen.tools.latent_stats import check_same_stats, is_identity
 
 MEAN, STD = [0.1, -0.2, 0.3, 0.05], [0.5, 1.5, 2.0, 1.2]
 ONE_STEP = ["trainer.max_steps=1", "trainer.limit_val_batches=0"]

@@ -19,7 +19,6 @@ KNOWN = {
     ("data/latents.py", "vidgen.i2v"),
     ("data/latents.py", "vidgen.models.dit.packing"),
     ("lit/dit.py", "vidgen.sample"),
-    ("lit/dit.py", "vidgen.tools.latent_stats"),
 }
 
 

@@ -297,7 +297,7 @@ def check_decoding_vae(
 
     The opt-outs are ``allow_latent_stats_mismatch`` / ``allow_identity_latent_stats``.
     """
-    from vidgen.tools.latent_stats import check_not_identity, check_same_stats, stats_of
+    from vidgen.models.vae.stats import check_not_identity, check_same_stats, stats_of
 
     stats = stats_of(vae)
     recorded = recorded_latent_stats(pipeline)

@@ -269,7 +269,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         pipeline.json so that sampling can check its VAE the same way.
         """
         from vidgen.data.latents import INFO_NAME
-        from vidgen.tools.latent_stats import check_not_identity, check_same_stats, stats_of
+        from vidgen.models.vae.stats import check_not_identity, check_same_stats, stats_of
 
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         info = getattr(dm, "info", None)

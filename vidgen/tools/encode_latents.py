@@ -180,8 +180,8 @@ def run(cfg) -> list[str]:
     """The CLI body (cfg: the composed ``configs/encode_latents.yaml``); returns shards written."""
     from vidgen.data.shards import expand_shards
     from vidgen.lit.vae import load_vae
+    from vidgen.models.vae.stats import check_not_identity, stats_of
     from vidgen.text import build_text_encoder, trim_padding
-    from vidgen.tools.latent_stats import check_not_identity, stats_of
 
     rank, world = rank_and_world(cfg.rank, cfg.world)
     latent_dtype = _dtype(cfg.latent_dtype, "latent_dtype")
