@@ -69,6 +69,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     x0, text, mask = load_clips(args.latents, args.bucket, args.clips)
     channels, text_dim = x0.shape[1], text.shape[2]
+    torch.manual_seed(0)  # the initialisations
     models = {
         "ours": WanDiT(dim=args.dim, ffn_dim=args.ffn_dim, num_heads=args.heads, num_layers=args.layers,
                        freq_dim=args.freq_dim, text_dim=text_dim, in_channels=channels, out_channels=channels,
