@@ -18,7 +18,6 @@ LAYERS = {"utils": 0, "data": 1, "text": 1, "image_encoder": 1, "models": 2, "i2
 KNOWN = {
     ("data/latents.py", "vidgen.i2v"),
     ("data/latents.py", "vidgen.models.dit.packing"),
-    ("lit/dit.py", "vidgen.sample"),
 }
 
 

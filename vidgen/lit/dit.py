@@ -77,10 +77,10 @@ from vidgen.diffusion import (
     token_flow_loss,
 )
 from vidgen.diffusion.flow import TIMESTEP_MODES
+from vidgen.diffusion.generate import PIPELINE_NAME, generate_latents, sampling_shift
 from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_efficiency
 from vidgen.models.dit.context_parallel import ContextParallel, check_heads, context_parallel_group
 from vidgen.models.dit.packing import PackedBatch
-from vidgen.sample import PIPELINE_NAME, generate_latents, sampling_shift
 from vidgen.utils.checkpoint import find_export, read_module_state
 from vidgen.utils.config import checked_options
 from vidgen.utils.ema import EMA, ValidateWithEMA
