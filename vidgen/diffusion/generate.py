@@ -33,11 +33,9 @@ def pad_texts(texts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 def sampling_shift(flow: dict | None, num_tokens: int) -> float:
     """The schedule shift matching training: the per-size resolution shift, else the constant one."""
     flow = flow or {}
-    if flow.get("resolution_shift"):
-        return float(resolution_shift(
-            num_tokens, flow.get("base_tokens", 256), flow.get("base_shift", 1.0),
-            flow.get("max_tokens", 32760), flow.get("max_shift", 5.0),
-        ))
+    if flow.get("resolution_shift"):  # anchors a pipeline.json lacks: resolution_shift's defaults
+        anchors = {k: flow[k] for k in ("base_tokens", "base_shift", "max_tokens", "max_shift") if k in flow}
+        return float(resolution_shift(num_tokens, **anchors))
     return float(flow.get("shift", 1.0))
 
 
