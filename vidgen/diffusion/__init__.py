@@ -11,15 +11,18 @@ from .flow import (
 )
 from .sampling import (
     SAMPLERS,
+    SOLVERS,
     cfg_model_fn,
     i2v_cfg_model_fn,
     sample_euler,
     sample_heun,
+    sample_unipc,
     timesteps_schedule,
 )
 
 __all__ = [
     "SAMPLERS",
+    "SOLVERS",
     "cfg_model_fn",
     "i2v_cfg_model_fn",
     "flow_loss",
@@ -28,6 +31,7 @@ __all__ = [
     "resolution_shift",
     "sample_euler",
     "sample_heun",
+    "sample_unipc",
     "sample_timesteps",
     "shift_timesteps",
     "timesteps_schedule",

@@ -14,7 +14,14 @@ import torch
 from torch import Tensor
 
 from vidgen.diffusion.flow import resolution_shift
-from vidgen.diffusion.sampling import SAMPLERS, cfg_model_fn, i2v_cfg_model_fn, timesteps_schedule
+from vidgen.diffusion.sampling import (
+    SAMPLERS,
+    SOLVERS,
+    cfg_model_fn,
+    i2v_cfg_model_fn,
+    sample_unipc,
+    timesteps_schedule,
+)
 
 PIPELINE_NAME = "pipeline.json"
 
@@ -59,7 +66,10 @@ def generate_latents(
 
     Args:
         dit: a WanDiT (or any model_fn(x, t, context, context_mask[, cond, image])).
-        texts: B caption embeddings [L_i, D]; empty_text: [L0, D] for the CFG branch.
+        texts: B caption embeddings [L_i, D]; empty_text: [L0, D] for the CFG branch (a DiT
+            with ``text_len`` pads both branches to it itself).
+        solver: euler | heun (our schedule, ``timesteps_schedule(steps, shift)``) | unipc
+            (diffusers' UniPC with its own Wan schedule, ``sample_unipc``).
         latent_shape: (C, T, h, w) of every sample (normalised latent space).
         cond: [B, C_cond, T, h, w] I2V condition (``vidgen.i2v.encode_condition``), or None.
         image: [B, Li, D_img] image-encoder tokens, or None. image_cfg_scale: guidance on
@@ -67,8 +77,8 @@ def generate_latents(
     Returns:
         [B, C, T, h, w] normalised latents (apply ``vae.denormalize`` before decoding).
     """
-    if solver not in SAMPLERS:
-        raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SAMPLERS)}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
     param = next(dit.parameters())
     device = param.device
     noise = [
@@ -93,5 +103,7 @@ def generate_latents(
             image_only={"context": uncond, **given}, neither={"context": uncond, **dropped},
             text_scale=float(cfg_scale), image_scale=float(image_cfg_scale),
         )
+    if solver == "unipc":  # diffusers' scheduler makes its own (Wan's) schedule
+        return sample_unipc(model_fn, x, steps, shift).float()
     ts = timesteps_schedule(steps, shift, device=device)
     return SAMPLERS[solver](model_fn, x, ts).float()

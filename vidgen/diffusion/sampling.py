@@ -81,7 +81,51 @@ def sample_heun(
     return x
 
 
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun}  # integrate any given schedule ts
+
+
+def unipc_scheduler(shift: float = 1.0):
+    """diffusers' ``UniPCMultistepScheduler`` as ``WanPipeline`` uses it: flow prediction on flow
+    sigmas shifted by ``shift`` (the Wan2.1 diffusers folders' scheduler_config.json; the
+    rest are the scheduler's defaults: order 2, bh2, predict_x0, lower order at the end)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=float(shift),
+    )
+
+
+@torch.no_grad()
+def sample_unipc(
+    model_fn: ModelFn,
+    x: Tensor,
+    steps: int,
+    shift: float = 1.0,
+    extra_args: dict | None = None,
+    callback: Callable | None = None,
+) -> Tensor:
+    """Wan2.1's default sampler: UniPC (order 2) through diffusers' own scheduler, used as a
+    library. It makes its own schedule from ``steps`` and ``shift`` (sigmas from 1 to 1/1000,
+    shifted, then 0) and, as ``WanPipeline``, feeds the model the integer timesteps
+    ``int(1000 * sigma)``, here as flow time ``t = timestep / 1000``. One model call per step.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    extra_args = extra_args or {}
+    scheduler = unipc_scheduler(shift)
+    scheduler.set_timesteps(steps, device=x.device)
+    sigmas = scheduler.sigmas
+    for i, timestep in enumerate(scheduler.timesteps):
+        t = timestep.float() / scheduler.config.num_train_timesteps
+        v = _velocity(model_fn, x, t, extra_args)
+        if callback is not None:
+            callback({"i": i, "x": x, "t": t, "t_next": sigmas[i + 1], "v": v, "x0": x - t * v})
+        x = scheduler.step(v, timestep, x, return_dict=False)[0]
+    return x
+
+
+SOLVERS = (*SAMPLERS, "unipc")  # every ``solver=`` generate_latents takes
 
 
 def cfg_model_fn(model_fn: ModelFn, cond: dict, uncond: dict, scale: float) -> ModelFn:

@@ -70,7 +70,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from vidgen.data.streams import check_context_parallel
 from vidgen.diffusion import (
-    SAMPLERS,
+    SOLVERS,
     interpolate,
     resolution_shift,
     sample_timesteps,
@@ -242,8 +242,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             raise ValueError(f"model.flow.timestep_mode={self.flow['timestep_mode']!r}; valid: "
                              f"{', '.join(TIMESTEP_MODES)}")
         self.val_cfg = _checked("val", val or {}, VAL_DEFAULTS)
-        if self.val_cfg["solver"] not in SAMPLERS:
-            raise ValueError(f"model.val.solver={self.val_cfg['solver']!r}; valid: {', '.join(SAMPLERS)}")
+        if self.val_cfg["solver"] not in SOLVERS:
+            raise ValueError(f"model.val.solver={self.val_cfg['solver']!r}; valid: {', '.join(SOLVERS)}")
         for name in ("param_dtype", "reduce_dtype"):
             value = _checked("fsdp", fsdp or {}, FSDP_DEFAULTS)[name]
             if value not in (None, "float32", "bfloat16", "float16"):

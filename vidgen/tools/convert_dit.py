@@ -16,6 +16,14 @@ diffusers' I2V model takes the image tokens and the text in one sequence and cut
 ``len - 512``: text must be padded to 512 tokens there (Wan's convention); ``WanDiT`` takes
 ``image=`` separately.
 
+Text convention: Wan2.1 (its own code, and diffusers' ``WanPipeline`` with the default
+``max_sequence_length=512``) zero-pads every prompt embedding to 512 tokens and attends to all
+of them. ``--from-diffusers`` stores that as ``text_len: 512`` in our config (``--text-len``
+changes it; ``none`` means exact tokens with a mask, as models trained here use), and every
+path through ``WanDiT`` then pads the same way. ``--to-diffusers`` records ``text_len`` as
+``_vidgen_text_len`` (diffusers ignores ``_`` keys) so that converting back keeps it, and warns
+when diffusers' pipeline would feed the model differently.
+
 Time convention: diffusers takes ``timestep`` in [0, 1000], we take flow time t in [0, 1];
 ``diffusers(x, 1000 * t, ctx) == ours(x, t, ctx)``.
 """
@@ -26,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import warnings
 
 import torch
 
@@ -33,6 +42,8 @@ from vidgen.models.dit.model import CONFIG_NAME, WEIGHTS_NAME, WanDiT
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
+WAN_TEXT_LEN = 512  # Wan2.1's text_len; WanPipeline's max_sequence_length default
+TEXT_LEN_KEY = "_vidgen_text_len"  # our text_len in a diffusers config (None: masked)
 
 # (diffusers key pattern, our key pattern); applied left to right, first match wins.
 _KEY_MAP = [
@@ -84,7 +95,8 @@ def _rename(key: str, table) -> str:
 
 
 def config_from_diffusers(cfg: dict) -> dict:
-    """diffusers WanTransformer3DModel config -> WanDiT kwargs."""
+    """diffusers WanTransformer3DModel config -> WanDiT kwargs (``text_len`` 512, Wan's, unless
+    the config came from ``config_to_diffusers`` and records another)."""
     if cfg.get("pos_embed_seq_len") is not None:
         raise ValueError(
             f"pos_embed_seq_len={cfg['pos_embed_seq_len']!r}: first-last-frame (FLF2V) Wan "
@@ -109,6 +121,7 @@ def config_from_diffusers(cfg: dict) -> dict:
         qk_norm=True,
         cross_attn_norm=cfg.get("cross_attn_norm", True),
         eps=cfg.get("eps", 1e-6),
+        text_len=cfg[TEXT_LEN_KEY] if TEXT_LEN_KEY in cfg else WAN_TEXT_LEN,
     )
 
 
@@ -140,6 +153,7 @@ def config_to_diffusers(cfg: dict) -> dict:
         "added_kv_proj_dim": cfg.get("added_kv_proj_dim"),
         "rope_max_seq_len": 1024,
         "pos_embed_seq_len": None,
+        TEXT_LEN_KEY: cfg.get("text_len"),
     }
 
 
@@ -181,15 +195,23 @@ def _load_diffusers_dir(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-def from_diffusers(src: str, out: str, dtype: torch.dtype | None = None) -> WanDiT:
-    """Convert a diffusers WanTransformer3DModel directory into a WanDiT directory."""
+def from_diffusers(
+    src: str, out: str, dtype: torch.dtype | None = None, text_len: int | None | str = "auto"
+) -> WanDiT:
+    """Convert a diffusers WanTransformer3DModel directory into a WanDiT directory.
+
+    text_len: "auto" (512, or what ``config_to_diffusers`` recorded), an int, or None (masked).
+    """
     config, state = _load_diffusers_dir(src)
     if config.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
         raise ValueError(
             f"{src} holds a {config['_class_name']!r}, expected 'WanTransformer3DModel'"
         )
+    kwargs = config_from_diffusers(config)
+    if text_len != "auto":
+        kwargs["text_len"] = text_len
     with torch.device("meta"):
-        model = WanDiT(**config_from_diffusers(config))
+        model = WanDiT(**kwargs)
     state = state_dict_from_diffusers(state)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
@@ -204,6 +226,13 @@ def to_diffusers(src: str, out: str, dtype: torch.dtype | None = None):
 
     model = WanDiT.from_pretrained(src, dtype=dtype)
     config = config_to_diffusers(model.config)
+    text_len = model.config.get("text_len")
+    if text_len != WAN_TEXT_LEN:
+        how = ("attends to exact tokens with a mask, which diffusers' WanTransformer3DModel cannot: "
+               "its WanPipeline pads prompts to max_sequence_length and attends to the padding"
+               if text_len is None else f"pads to {text_len} tokens: call WanPipeline with "
+               f"max_sequence_length={text_len}")
+        warnings.warn(f"{src}: this DiT {how}", stacklevel=2)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
@@ -228,6 +257,12 @@ def main(argv: list[str] | None = None):
         help="WanDiT text-to-video directory -> an I2V WanDiT that predicts as it does (vidgen.i2v.expand_t2v)",
     )
     parser.add_argument("--image-dim", type=int, default=None, help="--expand-t2v: image-token width")
+    parser.add_argument(
+        "--text-len", default="auto", metavar="N|none",
+        help=f"--from-diffusers: text convention of the converted model: N tokens zero-padded (Wan: "
+        f"{WAN_TEXT_LEN}), or none (exact tokens with a mask). Default: {WAN_TEXT_LEN}, or what "
+        "--to-diffusers recorded",
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)"
@@ -240,7 +275,10 @@ def main(argv: list[str] | None = None):
         model = expand_t2v(WanDiT.from_pretrained(args.expand_t2v, dtype=dtype), image_dim=args.image_dim)
         model.save_pretrained(args.out)
     elif args.from_diffusers:
-        from_diffusers(args.from_diffusers, args.out, dtype)
+        text_len = args.text_len
+        if text_len != "auto":
+            text_len = None if text_len.lower() == "none" else int(text_len)
+        from_diffusers(args.from_diffusers, args.out, dtype, text_len)
     else:
         to_diffusers(args.to_diffusers, args.out, dtype)
     print(f"wrote {args.out}")

@@ -45,7 +45,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, attention
 from .context_parallel import ContextParallel, SequenceShard
-from .packing import PackedBatch, grid_positions, patch_grid, patchify, unpatchify
+from .packing import (
+    PackedBatch,
+    grid_positions,
+    pad_packed_context,
+    patch_grid,
+    patchify,
+    unpatchify,
+)
 
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] -> Wan's [0, 1000] timestep embedding input
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -306,6 +313,11 @@ class WanDiT(nn.Module):
         image_dim: width of image-encoder tokens (1280 for Wan's CLIP ViT-H/14); None: no image
             tokens. added_kv_proj_dim: input width of the image keys/values (= dim, the
             default when image_dim is set; diffusers' name).
+        text_len: the text convention. None (models trained here): each caption's real tokens,
+            attended with a mask. An int (Wan2.1: 512, set by ``convert_dit --from-diffusers``):
+            every caption zero-padded to ``text_len`` tokens and all of them attended, padding
+            included, as Wan and diffusers' ``WanPipeline`` feed the model. ``forward`` and
+            ``forward_packed`` pad whatever context they get, so every caller follows it.
     """
 
     def __init__(
@@ -326,8 +338,11 @@ class WanDiT(nn.Module):
         attn_backend: str = "auto",
         image_dim: int | None = None,
         added_kv_proj_dim: int | None = None,
+        text_len: int | None = None,
     ):
         super().__init__()
+        if text_len is not None and int(text_len) < 1:
+            raise ValueError(f"text_len={text_len} must be a positive token count or None (masked)")
         if in_channels < out_channels:
             raise ValueError(
                 f"in_channels={in_channels} < out_channels={out_channels}: the input is the noisy "
@@ -368,6 +383,9 @@ class WanDiT(nn.Module):
         )
         if image_dim is not None:  # stored only for I2V so that T2V configs stay as they were
             self.config.update(image_dim=image_dim, added_kv_proj_dim=added_kv_proj_dim)
+        if text_len is not None:  # likewise: only fixed-length (Wan) models store it
+            self.config.update(text_len=int(text_len))
+        self.text_len = None if text_len is None else int(text_len)
         self.cond_channels = in_channels - out_channels
         self.image_dim = image_dim
         self.in_channels, self.out_channels, self.patch_size = in_channels, out_channels, patch_size
@@ -498,6 +516,7 @@ class WanDiT(nn.Module):
             raise ValueError(
                 f"context_mask must be [B, L]={tuple(context.shape[:2])}, got {tuple(context_mask.shape)}"
             )
+        context, context_mask = self._fixed_length(context, context_mask)
         grid = patch_grid(x.shape, self.patch_size)
         backend = {"backend": self.attn_backend}
         cross = backend if context_mask is None else {**backend, "key_mask": context_mask.bool()}
@@ -535,6 +554,8 @@ class WanDiT(nn.Module):
             raise ValueError(
                 f"packed.context must be [M, {self.config['text_dim']}], got {tuple(packed.context.shape)}"
             )
+        if self.text_len is not None:
+            packed = pad_packed_context(packed, self.text_len)
         pt, ph, pw = self.patch_size
         self._check_conditioning(
             None if packed.cond is None else (packed.cond.shape[-1] // (pt * ph * pw),),
@@ -588,6 +609,25 @@ class WanDiT(nn.Module):
                 f"this model takes image tokens of width image_dim={self.image_dim}, got "
                 + ("none" if width is None else f"width {width}")
             )
+
+    def _fixed_length(self, context: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Wan's convention when ``text_len`` is set: the real tokens (``mask``) zero-padded to
+        ``text_len``, no mask. Otherwise unchanged."""
+        if self.text_len is None:
+            return context, mask
+        if mask is not None:
+            context = context * mask[..., None].to(context.dtype)
+            longest = int(mask.sum(1).max()) if mask.numel() else 0
+        else:
+            longest = context.shape[1]
+        if longest > self.text_len:
+            raise ValueError(
+                f"a caption has {longest} text tokens, more than this model's text_len="
+                f"{self.text_len}: encode with max_length={self.text_len} (Wan truncates there)"
+            )
+        if context.shape[1] > self.text_len:  # only masked padding beyond text_len
+            context = context[:, : self.text_len]
+        return F.pad(context, (0, 0, 0, self.text_len - context.shape[1])), None
 
     def _check_context(self, context: Tensor, batch: int):
         text_dim = self.config["text_dim"]

@@ -183,6 +183,25 @@ class PackedBatch:
         )
 
 
+def pad_packed_context(packed: PackedBatch, text_len: int) -> PackedBatch:
+    """Each sample's text tokens zero-padded to ``text_len`` (Wan's fixed-length convention,
+    ``WanDiT(text_len=...)``): context [S * text_len, D] with equal offsets."""
+    lengths = packed.cu_seqlens_ctx[1:] - packed.cu_seqlens_ctx[:-1]
+    if int(lengths.max()) > text_len:
+        raise ValueError(
+            f"a packed caption has {int(lengths.max())} text tokens, more than the model's "
+            f"text_len={text_len}: encode with max_length={text_len} (Wan truncates there)"
+        )
+    starts = packed.cu_seqlens_ctx[:-1].long()
+    sample = torch.repeat_interleave(torch.arange(packed.num_samples, device=starts.device), lengths.long())
+    index = torch.arange(packed.context.shape[0], device=starts.device) - starts[sample] + sample * text_len
+    context = packed.context.new_zeros(packed.num_samples * text_len, packed.context.shape[1])
+    context[index] = packed.context
+    cu = torch.arange(packed.num_samples + 1, dtype=packed.cu_seqlens_ctx.dtype,
+                      device=packed.cu_seqlens_ctx.device) * text_len
+    return replace(packed, context=context, cu_seqlens_ctx=cu, max_seqlen_ctx=text_len)
+
+
 PACKED_KEYS = ("latent", "context", "t", "weight", "cond", "image")  # the rest goes to meta
 
 
