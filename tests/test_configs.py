@@ -73,7 +73,15 @@ def test_experiment_resolves_and_instantiates(experiment, latents):
     if experiment in LATENT_EXPERIMENTS:
         assert type(model).__name__ == "DiTModule" and type(datamodule).__name__ == "LatentDataModule"
         size = cfg.model.size
-        n = sum(p.numel() for p in model.dit.parameters())
+        n = sum(p.numel() for name, p in model.dit.named_parameters() if ".lora_" not in name)
+        if cfg.model.lora:  # the adapters only train: rank x (in + out) per adapted linear
+            from vidgen.models.dit.lora import adapted_modules
+
+            modules = dict(model.dit.named_modules())
+            expected = sum(cfg.model.lora.rank * (modules[m].in_features + modules[m].out_features)
+                           for m in adapted_modules(model.dit))
+            trainable = sum(p.numel() for p in model.dit.parameters() if p.requires_grad)
+            assert trainable == expected and len(adapted_modules(model.dit)) == 10 * model.dit.config["num_layers"]
         if size in PRESET_PARAMS and not model.dit.cond_channels:
             assert abs(n / PRESET_PARAMS[size] - 1) < 0.02, (size, n)
         if size in PRESET_PARAMS:  # exactly diffusers' WanTransformer3DModel of that config (I2V too)
@@ -178,6 +186,13 @@ def test_the_model_yaml_files_repeat_the_modules_defaults_exactly():
     for cfg, key, defaults in ((vae, "loss", LOSS_DEFAULTS), (dit, "flow", FLOW_DEFAULTS),
                                (dit, "val", VAL_DEFAULTS), (dit, "fsdp", FSDP_DEFAULTS)):
         assert OmegaConf.to_container(cfg[key]) == defaults, key
+
+
+def test_the_lora_experiment_spells_out_the_lora_defaults():
+    from vidgen.models.dit.lora import LORA_DEFAULTS
+
+    lora = OmegaConf.load(CONFIGS / "experiment" / "dit" / "lora.yaml").model.lora
+    assert OmegaConf.to_container(lora) == LORA_DEFAULTS
 
 
 def test_a_misspelt_vae_loss_key_is_an_error_naming_the_valid_ones():

@@ -58,7 +58,7 @@ def _check_run(proc, run_dir: Path, losses: set[str], export: str) -> list[dict]
         # one poisoned batch: skipped on both ranks, so one batch more than max_steps
         assert p["nonfinite"] == dict.fromkeys(losses, 1), p["nonfinite"]
         assert p["steps_done"] == MAX_STEPS + 1
-    assert (run_dir / export / "config.json").is_file()
+    assert (run_dir / export).is_file(), f"no export {export}"
     ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     assert ckpts, "no training checkpoint written"
     for ckpt in ckpts:  # every checkpoint a run writes is data: it loads weights-only
@@ -111,7 +111,7 @@ def test_vae_experiment_under_ddp(tmp_path, synthetic_data, vae_inits, experimen
                    f"data.val.shards={synthetic_data}/val", *VAE_COMMON,
                    *([f"model.init_from={vae_inits[init]}"] if init else []), *extra)
     gan = "stage3" in experiment
-    rows = _check_run(proc, run, {"g", "d"} if gan else {"g"}, "vae")
+    rows = _check_run(proc, run, {"g", "d"} if gan else {"g"}, "vae/config.json")
     assert max(float(r["train/nonfinite_g"]) for r in rows if r.get("train/nonfinite_g")) == 1
     if gan:
         assert [r for r in rows if r.get("train/d_loss")], "the discriminator trained"
@@ -146,7 +146,8 @@ def dit_inits(tmp_path_factory, setup):  # noqa: F811
     return out
 
 
-DIT_CASES = {"demo/dit_stage1": None, "demo/dit_stage2": "demo", "dit/stage1": None, "dit/stage2": "wan"}
+DIT_CASES = {"demo/dit_stage1": None, "demo/dit_stage2": "demo", "dit/stage1": None, "dit/stage2": "wan",
+             "dit/lora": "wan"}
 
 
 @pytest.mark.parametrize("experiment", sorted(DIT_CASES))
@@ -155,7 +156,7 @@ def test_dit_experiment_under_ddp(tmp_path, setup, dit_inits, experiment):  # no
     run = tmp_path / experiment.replace("/", "_")
     proc = _launch(run, experiment, *_dit_overrides(setup),
                    *([f"model.init_from={dit_inits[init]}"] if init else []))
-    rows = _check_run(proc, run, {"loss"}, "dit")
+    rows = _check_run(proc, run, {"loss"}, "lora/lora.json" if "lora" in experiment else "dit/config.json")
     assert max(float(r["train/nonfinite"]) for r in rows if r.get("train/nonfinite")) == 1
     assert any(r.get("val/loss") for r in rows), "validation ran under DDP"
 
@@ -173,7 +174,7 @@ def test_i2v_experiment_under_ddp(tmp_path, setup, i2v_setup, dit_inits, experim
     proc = _launch(run, experiment, *_dit_overrides(setup), "model.dit.in_channels=12",
                    f"data.train.shards={i2v_setup}/{flavour}/train", f"data.val.shards={i2v_setup}/{flavour}/val",
                    "data.train.image_dropout=0.5", f"model.init_from={dit_inits[init]}", *extra)
-    rows = _check_run(proc, run, {"loss"}, "dit")
+    rows = _check_run(proc, run, {"loss"}, "dit/config.json")
     assert max(float(r["train/nonfinite"]) for r in rows if r.get("train/nonfinite")) == 1
     assert any(r.get("val/loss") for r in rows), "validation ran under DDP"
     config = json.loads((run / "dit" / "config.json").read_text())

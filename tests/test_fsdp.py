@@ -83,3 +83,22 @@ def test_fsdp2_resume_is_exact_and_matches_ddp(tmp_path, latents):
         torch.testing.assert_close(ddp["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=f"{k}: ddp")
     for k, v in full["vidgen"]["ema"]["shadow"].items():
         torch.testing.assert_close(part["vidgen"]["ema"]["shadow"][k], v, rtol=0, atol=0)
+
+
+def test_fsdp2_lora_trains_gathers_and_exports_the_adapters_only(tmp_path, latents):
+    from vidgen.models.dit.lora import DIFFUSERS_FILE, read_lora
+
+    base = tmp_path / "base"
+    _train(base, latents, "trainer.max_steps=2", strategy="ddp")
+    run = tmp_path / "lora"
+    ckpt = _train(run, latents, "trainer.max_steps=3", f"model.init_from={base}",
+                  "model.lora={rank: 4, alpha: 4.0}", "model.activation_checkpointing=true")
+    keys = sorted(ckpt["state_dict"])
+    assert len(keys) == 2 * 2 * 10 and all(".lora_" in k for k in keys)  # adapters only, full tensors
+    assert all(type(ckpt["state_dict"][k]) is torch.Tensor for k in keys)
+    assert sorted(ckpt["vidgen"]["ema"]["shadow"]) == [k[len("dit."):] for k in keys]
+    lora = read_lora(run / "lora" / DIFFUSERS_FILE)
+    assert len(lora) == 20 and all(torch.isfinite(b).all() and b.abs().max() > 0 for _, b in lora.values())
+    before, after = load_dit(base).state_dict(), load_dit(base, lora=run / "lora").state_dict()
+    changed = {k[: -len(".weight")] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == set(lora)  # it fits the base it trained on, and merges where it adapts

@@ -206,7 +206,8 @@ def eval_dit(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     check_decoding_vae(vae, vae_path, pipeline, allow_identity=cfg.allow_identity_latent_stats,
                        allow_mismatch=cfg.allow_latent_stats_mismatch)
     vae.check_frames(cfg.data.num_frames)
-    dit = load_dit(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
+    dit = load_dit(cfg.ckpt, trust=cfg.trust_checkpoint, lora=cfg.lora, lora_scale=cfg.lora_scale)
+    dit = dit.to(device).eval()
     if i2v != bool(dit.cond_channels):
         raise ValueError(f"task={cfg.task} but ckpt={cfg.ckpt} is a "
                          f"{'image' if dit.cond_channels else 'text'}-to-video DiT: use task="

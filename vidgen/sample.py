@@ -4,6 +4,7 @@
         num_frames=17 height=64 width=64 [steps=30 solver=heun cfg_scale=5 seed=0 out=samples/]
     python -m vidgen.sample ckpt=<run> 'prompt=[a red circle, a blue square]'   # several
     python -m vidgen.sample ckpt=<i2v run> image=first.png prompt="..." [image_cfg_scale=1.5]
+    python -m vidgen.sample ckpt=<base> lora=<lora run>/lora [lora_scale=1.0] prompt="..."
 
 ``ckpt`` is a DiT run folder (uses its exported ``dit/``), a ``dit/`` folder or a ``.ckpt``;
 the run's ``dit/pipeline.json`` names the VAE and text encoder it was trained with, so
@@ -28,6 +29,10 @@ Sample i starts from noise drawn on the CPU with seed ``seed + i``, so a video d
 on the batch it was generated in nor on the device. The unconditional branch of
 classifier-free guidance uses the embedding of ``negative_prompt`` ("" by default: the same
 empty caption the model saw under caption dropout).
+
+``lora=`` merges a LoRA into the base before sampling (W += lora_scale * alpha/r * B @ A): a LoRA
+run's ``lora/`` folder or any LoRA file in diffusers', the original Wan / ComfyUI or peft's
+keys. ``solver=unipc`` samples as Wan2.1 and diffusers' ``WanPipeline`` do.
 """
 
 from __future__ import annotations
@@ -246,7 +251,8 @@ def run(cfg) -> list[str]:
     vae = load_vae(vae_path, trust=cfg.trust_checkpoint).to(device).eval()
     check_decoding_vae(vae, vae_path, pipeline, allow_identity=cfg.allow_identity_latent_stats,
                        allow_mismatch=cfg.allow_latent_stats_mismatch)
-    dit = load_dit(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
+    dit = load_dit(cfg.ckpt, trust=cfg.trust_checkpoint, lora=cfg.lora, lora_scale=cfg.lora_scale)
+    dit = dit.to(device).eval()
     text_encoder = build_text_encoder(encoder_name, device=device)
     images, image_encoder, image_paths = None, None, []
     if cfg.image:
@@ -283,6 +289,7 @@ def run(cfg) -> list[str]:
             steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift, num_frames=cfg.num_frames,
             height=cfg.height, width=cfg.width, fps=cfg.fps, checkpoint=str(Path(cfg.ckpt).resolve()),
             vae=str(vae_path), text_encoder=str(encoder_name), flow=pipeline.get("flow"),
+            lora=str(Path(cfg.lora).resolve()) if cfg.lora else None, lora_scale=cfg.lora_scale,
         )
         if images is not None:
             sidecar.update(image=str(Path(image_paths[i]).resolve()), image_cfg_scale=cfg.image_cfg_scale)

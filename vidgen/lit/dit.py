@@ -80,6 +80,7 @@ from vidgen.diffusion.flow import TIMESTEP_MODES
 from vidgen.diffusion.generate import PIPELINE_NAME, generate_latents, sampling_shift
 from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_efficiency
 from vidgen.models.dit.context_parallel import ContextParallel, check_heads, context_parallel_group
+from vidgen.models.dit.lora import LORA_DEFAULTS, add_lora, export_lora, lora_tensors
 from vidgen.models.dit.packing import PackedBatch
 from vidgen.utils.checkpoint import find_export, read_module_state
 from vidgen.utils.config import checked_options
@@ -107,18 +108,38 @@ def init_weights_from(dit: WanDiT, init_from: str, trust: bool = False) -> None:
     if src.config != ours:
         diff = {k: (src.config.get(k), ours.get(k)) for k in {*src.config, *ours}
                 if ours.get(k) != src.config.get(k)}
+        fix = ", ".join(f"model.dit.{k}={v[0]}" for k, v in sorted(diff.items()))
         raise ValueError(f"init_from={init_from}: its DiT differs from this model's config as "
-                         f"(theirs, ours): {diff}")
+                         f"(theirs, ours): {diff}; to start from it set {fix}")
     dit.load_state_dict(src.state_dict())
 
 
-def load_dit(path: str | os.PathLike, prefer_ema: bool = True, trust: bool = False) -> WanDiT:
+def load_dit(path: str | os.PathLike, prefer_ema: bool = True, trust: bool = False,
+             lora: str | os.PathLike | None = None, lora_scale: float = 1.0) -> WanDiT:
     """A DiT from a ``save_pretrained`` folder, a run folder (its ``dit/``) or a Lightning ``.ckpt``
-    (weights-only unless ``trust``: see ``vidgen.utils.checkpoint.load_checkpoint_file``)."""
+    (weights-only unless ``trust``: see ``vidgen.utils.checkpoint.load_checkpoint_file``), with
+    the LoRA ``lora`` (a LoRA run's ``lora/`` folder or a LoRA file, any key format) merged in at
+    ``lora_scale``."""
+    model = _load_base_dit(path, prefer_ema, trust)
+    if lora:
+        from vidgen.models.dit.lora import merge_lora, read_lora
+
+        merge_lora(model, read_lora(lora), lora_scale)
+    return model
+
+
+def _load_base_dit(path: str | os.PathLike, prefer_ema: bool, trust: bool) -> WanDiT:
+    given = Path(path)
+    if given.is_dir() and (given / "lora").is_dir() and not (given / "dit").is_dir():
+        raise ValueError(f"{given} is a LoRA run: it exported adapters (lora/), not a DiT. Sample the "
+                         f"base with them: ckpt=<its base> lora={given / 'lora'}")
     path = find_export(path, "dit")
     if path.is_dir():
         return WanDiT.from_pretrained(path)
     hp, state = read_module_state(path, "dit", prefer_ema, trust=trust)
+    if hp.get("lora"):
+        raise ValueError(f"{path} is a LoRA run's checkpoint: it holds the adapters, not the base. Sample "
+                         f"its export instead: ckpt={hp.get('init_from')} lora=<its run>/lora")
     with torch.device("meta"):  # the state dict supplies every tensor: skip random init
         model = build_dit(hp.get("size"), hp["dit"])
     model.load_state_dict(state, assign=True)
@@ -187,6 +208,10 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
     image_encoder, image_dropout: I2V, on-the-fly mode: the CLIP vision directory giving image
         tokens (None / "none": latent condition only) and the image-condition dropout.
     val: num_samples, steps, solver, cfg_scale, timesteps (fixed validation loss times).
+    lora: None (train every weight) or {rank, alpha, dropout, target_modules, base_dtype}: peft
+        LoRA adapters on the base (``init_from``), which stays frozen (``base_dtype``: cast it,
+        e.g. "bfloat16", under mixed precision). Only the adapters are optimised, averaged by
+        EMA and saved in checkpoints; the run exports ``<run>/lora/`` (models/dit/lora.py).
     fsdp: param_dtype (None | "bfloat16"), reduce_dtype, reshard_after_forward (FSDP2 only).
     context_parallel: ranks that split each packed sequence (Ulysses, context_parallel.py);
         they read the same batches (data.context_parallel) and draw the same noise.
@@ -220,6 +245,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         image_encoder: str | None = None,
         image_dropout: float = 0.0,
         context_parallel: int = 1,
+        lora: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -232,6 +258,14 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         self.dit = build_dit(size, dit)
         if init_from:
             init_weights_from(self.dit, init_from, trust=trust_checkpoint)
+        self.lora = _checked("lora", lora, LORA_DEFAULTS) if lora else None
+        if self.lora:
+            if not init_from:
+                rank_zero_warn("model.lora without model.init_from: the adapters train on a frozen, "
+                               "randomly initialised base")
+            add_lora(self.dit, **self.lora)
+            # Checkpoints hold the adapters only (on_save_checkpoint); the base comes from init_from.
+            self.strict_loading = False
         if not 0.0 <= image_dropout <= 1.0:
             raise ValueError(f"model.image_dropout must be in [0, 1], got {image_dropout}")
         self.dit.gradient_checkpointing = activation_checkpointing
@@ -271,6 +305,10 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         from vidgen.data.latents import INFO_NAME
         from vidgen.models.vae.stats import check_not_identity, check_same_stats, stats_of
 
+        if self.lora and self.lora["base_dtype"] and self._trainer is not None \
+                and "mixed" not in str(self.trainer.precision):
+            raise ValueError(f"model.lora.base_dtype={self.lora['base_dtype']} needs autocast: set "
+                             f"trainer.precision=bf16-mixed (got {self.trainer.precision})")
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         info = getattr(dm, "info", None)
         cfg = self.dit.config
@@ -361,6 +399,9 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
                                               self.trainer.strategy.root_device.type)
         if self.device_mesh is None:
             return
+        if self.lora and self.lora["base_dtype"]:
+            raise ValueError("model.lora.base_dtype with FSDP2: FSDP2 needs one dtype per sharded group; "
+                             "set model.fsdp.param_dtype=bfloat16 instead (the base is frozen either way)")
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import (
             MixedPrecisionPolicy,
@@ -489,7 +530,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
     # ---------------------------------------------------------------- training
     def configure_optimizers(self):
         o = self.hparams.optim
-        opt = torch.optim.AdamW(self.dit.parameters(), lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))),
+        params = [p for p in self.dit.parameters() if p.requires_grad]  # LoRA: the adapters only
+        opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))),
                                 weight_decay=o.get("weight_decay", 0.0))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, optim_lr_lambda(o, trainer_max_steps(self)))
         return [opt], [sched]
@@ -618,6 +660,9 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
                                       buffers=like(self.ema.buffers, state["buffers"])))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora:  # the frozen base is init_from's: keep the adapters only
+            keep = {f"dit.{name}" for name in lora_tensors(self.dit)}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["vidgen"] = {
             "ema": self._ema_state(),
             "guard": self.guard.state_dict(),
@@ -629,6 +674,15 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("vidgen", {})
+        theirs = bool(checkpoint.get("hyper_parameters", {}).get("lora"))
+        if theirs != bool(self.lora):
+            raise ValueError("cannot resume: the checkpoint is from a " + ("LoRA" if theirs else "full")
+                             + " run and this run is " + ("a LoRA" if self.lora else "a full") + " run (model.lora)")
+        if self.lora and "state_dict" in checkpoint:
+            missing = sorted({f"dit.{n}" for n in lora_tensors(self.dit)} - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(f"the checkpoint lacks {len(missing)} of this run's LoRA tensors, e.g. "
+                                 f"{missing[0]}: another model.lora (rank, target_modules)?")
         if extra.get("ema") and self.hparams.ema:
             if self.ema is not None:
                 self._load_ema(extra["ema"])
@@ -641,10 +695,14 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         self.data_counts = dict(extra.get("data_counts", {}))
 
     def on_train_end(self) -> None:
-        """Export ``<run_dir>/dit/`` (EMA weights when kept) and ``pipeline.json``."""
+        """Export ``<run_dir>/dit/`` (EMA weights when kept) and ``pipeline.json``; LoRA runs
+        export ``<run_dir>/lora/`` instead."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         rank0 = self.trainer.is_global_zero
+        if self.lora:
+            self._export_lora(rank0)
+            return
         if self.device_mesh is not None:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             state = get_model_state_dict(self.dit, options=opts)  # collective; full on rank 0
@@ -662,3 +720,18 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         pipeline = dict(self._pipeline, ema=self.ema is not None, steps=self.steps_done,
                         run=os.path.abspath(self.trainer.default_root_dir))
         (out / PIPELINE_NAME).write_text(json.dumps(pipeline, indent=2) + "\n")
+
+    def _export_lora(self, rank0: bool) -> None:
+        """``<run_dir>/lora/``: the adapters (EMA when kept) in diffusers' and Wan's formats."""
+        state = _gathered(lora_tensors(self.dit), rank0)
+        if self.ema is not None:
+            state.update(_gathered(self.ema.shadow, rank0))
+        if not rank0:
+            return
+        init_from = self.hparams.init_from
+        info = dict(base=os.path.abspath(init_from) if init_from else None,
+                    target_modules=list(self.lora["target_modules"]), dropout=self.lora["dropout"],
+                    ema=self.ema is not None, steps=self.steps_done,
+                    run=os.path.abspath(self.trainer.default_root_dir), pipeline=self._pipeline)
+        export_lora(state, Path(self.trainer.default_root_dir) / "lora", self.lora["rank"],
+                    self.lora["alpha"], info)

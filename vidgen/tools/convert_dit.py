@@ -33,61 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import warnings
 
 import torch
 
 from vidgen.models.dit.model import CONFIG_NAME, WEIGHTS_NAME, WanDiT
+from vidgen.models.dit.names import from_diffusers_name, to_diffusers_name
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"
 WAN_TEXT_LEN = 512  # Wan2.1's text_len; WanPipeline's max_sequence_length default
 TEXT_LEN_KEY = "_vidgen_text_len"  # our text_len in a diffusers config (None: masked)
-
-# (diffusers key pattern, our key pattern); applied left to right, first match wins.
-_KEY_MAP = [
-    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "image_embedding.fc1."),
-    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "image_embedding.fc2."),
-    (r"^condition_embedder\.image_embedder\.", "image_embedding."),
-    (r"^(blocks\.\d+)\.attn1\.to_out\.0\.", r"\1.self_attn.to_out."),
-    (r"^(blocks\.\d+)\.attn1\.", r"\1.self_attn."),
-    (r"^(blocks\.\d+)\.attn2\.to_out\.0\.", r"\1.cross_attn.to_out."),
-    (r"^(blocks\.\d+)\.attn2\.", r"\1.cross_attn."),
-    (r"^(blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
-    (r"^(blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
-]
-# The inverse, written out rather than derived so that each direction reads on its own.
-_KEY_MAP_INV = [
-    (r"^time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
-    (r"^time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
-    (r"^time_projection\.1\.", "condition_embedder.time_proj."),
-    (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
-    (r"^text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
-    (r"^image_embedding\.fc1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
-    (r"^image_embedding\.fc2\.", "condition_embedder.image_embedder.ff.net.2."),
-    (r"^image_embedding\.", "condition_embedder.image_embedder."),
-    (r"^(blocks\.\d+)\.self_attn\.to_out\.", r"\1.attn1.to_out.0."),
-    (r"^(blocks\.\d+)\.self_attn\.", r"\1.attn1."),
-    (r"^(blocks\.\d+)\.cross_attn\.to_out\.", r"\1.attn2.to_out.0."),
-    (r"^(blocks\.\d+)\.cross_attn\.", r"\1.attn2."),
-    (r"^(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
-    (r"^(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
-]
-
-
-def _rename(key: str, table) -> str:
-    for pattern, repl in table:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key  # patch_embedding, norms, scale_shift_table, proj_out: same names
-
 
 # --------------------------------------------------------------------------------------
 # Config and state-dict mapping (pure functions)
@@ -159,12 +115,12 @@ def config_to_diffusers(cfg: dict) -> dict:
 
 def state_dict_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {
-        _rename(k, _KEY_MAP): v for k, v in state.items() if not k.endswith("norm_added_q.weight")
+        from_diffusers_name(k): v for k, v in state.items() if not k.endswith("norm_added_q.weight")
     }
 
 
 def state_dict_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {_rename(k, _KEY_MAP_INV): v for k, v in state.items()}
+    return {to_diffusers_name(k): v for k, v in state.items()}
 
 
 # --------------------------------------------------------------------------------------
