@@ -159,7 +159,7 @@ def test_cli_overrides_reach_the_model():
 
 def test_later_stages_require_init_from():
     for stage in ("vae/stage2", "vae/stage3", "demo/vae_stage2", "demo/vae_stage3",
-                  "dit/stage2", "demo/dit_stage2"):
+                  "dit/stage2", "demo/dit_stage2", "dit/lora", "dit/finetune_wan"):
         cfg = _compose([f"experiment={stage}"])
         assert cfg.model.require_init_from and cfg.model.init_from is None
 

@@ -143,18 +143,30 @@ def dit_inits(tmp_path_factory, setup):  # noqa: F811
         torch.manual_seed(0)
         instantiate(cfg.model).dit.save_pretrained(root / family)
         out[family] = root / family
+    # a Wan2.1 checkpoint as users bring it: a diffusers transformer, converted (text_len 512)
+    from diffusers import WanTransformer3DModel
+
+    from vidgen.tools.convert_dit import from_diffusers
+
+    torch.manual_seed(0)
+    WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                          out_channels=4, text_dim=384, freq_dim=32, ffn_dim=64,
+                          num_layers=2).save_pretrained(root / "diffusers")
+    from_diffusers(str(root / "diffusers"), str(root / "converted"))
+    out["converted"] = root / "converted"
     return out
 
 
 DIT_CASES = {"demo/dit_stage1": None, "demo/dit_stage2": "demo", "dit/stage1": None, "dit/stage2": "wan",
-             "dit/lora": "wan"}
+             "dit/lora": "converted", "dit/finetune_wan": "converted"}
 
 
 @pytest.mark.parametrize("experiment", sorted(DIT_CASES))
 def test_dit_experiment_under_ddp(tmp_path, setup, dit_inits, experiment):  # noqa: F811
     init = DIT_CASES[experiment]
     run = tmp_path / experiment.replace("/", "_")
-    proc = _launch(run, experiment, *_dit_overrides(setup),
+    wan_text = ["model.dit.text_len=512"] if init == "converted" else []
+    proc = _launch(run, experiment, *_dit_overrides(setup), *wan_text,
                    *([f"model.init_from={dit_inits[init]}"] if init else []))
     rows = _check_run(proc, run, {"loss"}, "lora/lora.json" if "lora" in experiment else "dit/config.json")
     assert max(float(r["train/nonfinite"]) for r in rows if r.get("train/nonfinite")) == 1

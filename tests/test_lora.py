@@ -268,3 +268,35 @@ def test_sample_and_merge_tool_use_the_lora(tmp_path, setup, base_run):  # noqa:
     b, _ = sample(tmp_path / "b", merged)  # the merged folder samples the same
     c, _ = sample(tmp_path / "c")  # the base alone
     assert (a == b).all() and (a != c).any()
+
+
+def _adapters(run):
+    return load_checkpoint_file(run / "checkpoints" / "last.ckpt")["state_dict"]
+
+
+def test_lora_composes_with_compiled_blocks_and_activation_checkpointing(tmp_path, setup, base_run):  # noqa: F811
+    common = [f"model.init_from={base_run}", LORA, "model.ema=null", "trainer.max_steps=2",
+              "trainer.limit_val_batches=0", "data.train.batches_per_epoch=2", "optim.lr=1e-2"]
+    train(_cfg(tmp_path / "eager", setup, "demo/dit_stage1", *common))
+    train(_cfg(tmp_path / "both", setup, "demo/dit_stage1", "model.compile=true",
+               "model.activation_checkpointing=true", *common))
+    a, b = _adapters(tmp_path / "eager"), _adapters(tmp_path / "both")
+    assert a.keys() == b.keys()
+    assert max(v.abs().max() for k, v in a.items() if ".lora_B." in k) > 1e-3  # B left zero
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_lora_on_a_bf16_base_under_mixed_precision(tmp_path, setup, base_run):  # noqa: F811
+    common = [f"model.init_from={base_run}", "model.ema=null", "trainer.max_steps=2",
+              "trainer.limit_val_batches=0", "data.train.batches_per_epoch=2", "optim.lr=1e-2"]
+    bf16 = f"model.lora={{rank: {RANK}, alpha: {ALPHA}, base_dtype: bfloat16}}"
+    with pytest.raises(Exception, match="base_dtype=bfloat16 needs autocast: set trainer.precision=bf16-mixed"):
+        train(_cfg(tmp_path / "fp32", setup, "demo/dit_stage1", bf16, "trainer.precision=32-true", *common))
+    metrics = train(_cfg(tmp_path / "bf16", setup, "demo/dit_stage1", bf16, "trainer.precision=bf16-mixed", *common))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    adapters = _adapters(tmp_path / "bf16")
+    assert {v.dtype for v in adapters.values()} == {torch.float32}  # the adapters stay fp32
+    assert max(v.abs().max() for k, v in adapters.items() if ".lora_B." in k) > 1e-3
+    lora = read_lora(tmp_path / "bf16" / "lora")
+    assert len(lora) == 20

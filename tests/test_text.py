@@ -70,3 +70,32 @@ def test_drop_captions():
     assert all(d in ("", c) for d, c in zip(dropped, captions))
     with pytest.raises(ValueError, match=r"caption dropout p must be in \[0, 1\], got 1.5"):
         drop_captions(captions, 1.5)
+
+
+def test_a_diffusers_pipeline_text_encoder_folder_embeds_as_wan_pipeline(tiny_umt5_dir, tmp_path):
+    """Wan2.1-T2V-*-Diffusers keeps text_encoder/ and tokenizer/ apart: our encoder finds the
+    tokenizer, and its real tokens zero-padded to 512 are WanPipeline's prompt embeddings."""
+    import shutil
+
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    for sub, pattern in (("text_encoder", "*.json"), ("tokenizer", "*")):
+        (tmp_path / sub).mkdir()
+        for f in tiny_umt5_dir.glob(pattern):
+            if sub == "tokenizer" or f.name == "config.json":
+                shutil.copy(f, tmp_path / sub / f.name)
+    for f in tiny_umt5_dir.glob("*.safetensors"):
+        shutil.copy(f, tmp_path / "text_encoder" / f.name)
+    ours = build_text_encoder(str(tmp_path / "text_encoder"))
+    pipe = diffusers.WanPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(tmp_path / "tokenizer"),
+        text_encoder=UMT5EncoderModel.from_pretrained(tmp_path / "text_encoder").eval(),
+        transformer=None, vae=None, scheduler=diffusers.UniPCMultistepScheduler())
+    captions = ["a red car on the grass", "a dog"]
+    theirs = pipe._get_t5_prompt_embeds(captions, max_sequence_length=512, dtype=torch.float32)
+    texts = trim_padding(*ours.encode(captions))
+    assert [len(t) for t in texts] == [7, 3] and theirs.shape == (2, 512, 16)
+    for t, padded in zip(texts, theirs):
+        torch.testing.assert_close(t, padded[: len(t)], atol=1e-6, rtol=1e-5)
+        assert (padded[len(t):] == 0).all()

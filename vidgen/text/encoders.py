@@ -92,6 +92,16 @@ class MiniLMEncoder(HFTextEncoder):
         super().__init__(model, tokenizer, max_length, device)
 
 
+def tokenizer_dir(path: str) -> str:
+    """Where a T5 encoder directory's tokenizer is: in it, or (a diffusers pipeline folder's
+    ``text_encoder/``, e.g. Wan2.1-T2V-1.3B-Diffusers) in its sibling ``tokenizer/``."""
+    sibling = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    files = ("tokenizer_config.json", "tokenizer.json", "spiece.model")
+    if any(os.path.isfile(os.path.join(path, f)) for f in files) or not os.path.isdir(sibling):
+        return path
+    return sibling
+
+
 class T5Encoder(HFTextEncoder):
     """The encoder half of a local T5 / mT5 / umT5 checkpoint (Wan uses umT5-XXL, 4096-d, 512 tokens)."""
 
@@ -109,7 +119,8 @@ class T5Encoder(HFTextEncoder):
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"T5 encoder directory {path!r} not found; point to a local T5/umT5 checkpoint "
-                "(config.json, weights and tokenizer files), e.g. google/umt5-xxl downloaded beforehand"
+                "(config.json, weights and tokenizer files, or a diffusers pipeline's text_encoder/ "
+                "beside its tokenizer/), e.g. google/umt5-xxl downloaded beforehand"
             )
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         classes = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
@@ -119,7 +130,7 @@ class T5Encoder(HFTextEncoder):
             )
         model_cls = getattr(transformers, classes[config.model_type])
         model = model_cls.from_pretrained(path, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(path), local_files_only=True)
         super().__init__(model, tokenizer, max_length, device)
 
 
