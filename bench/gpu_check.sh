@@ -15,7 +15,11 @@
 #                  0), latent statistics, latent precompute, DiT stages 1 -> 2;
 #   5. mfu         bench/bench_dit.py for the 1.3B shape in bf16 with activation
 #                  checkpointing: tokens/s vs diffusers and MFU (target >= 40%), also as JSON.
-#   6. cp          bench/bench_cp.py on CUDA (NCCL), only with 2 or more GPUs: per-rank peak
+#   6. lora        bench/bench_lora.py for Wan 1.3B at 480x832, 81 frames, with activation
+#                  checkpointing: a LoRA step (bf16 base) and a full fine-tuning step, ours
+#                  against diffusers + peft (time, peak memory, checkpoint size), as JSON;
+#                  lora_memory: the LoRA step's absolute peak must stay under 24 GB.
+#   7. cp          bench/bench_cp.py on CUDA (NCCL), only with 2 or more GPUs: per-rank peak
 #                  memory and tokens/s of context parallelism (cp=2, and 4 with 4 GPUs) against
 #                  cp=1 at the 1.3B width for 16k-64k tokens, also as JSON; with one GPU the
 #                  summary records it as skipped.
@@ -111,6 +115,17 @@ rm -rf "$data"
 
 step mfu "$PY" bench/bench_dit.py --device cuda --dtype bfloat16 --size 1.3B --checkpointing \
     --json "$OUT_DIR/dit.json"
+
+step lora "$PY" bench/bench_lora.py --device cuda --size 1.3B --frames 81 --height 480 --width 832 \
+    --clips 1 --text-tokens 512 --checkpointing --repeats 3 --clock wall --json "$OUT_DIR/lora.json"
+step lora_memory "$PY" - "$OUT_DIR/lora.json" <<'EOF'
+import json, sys
+
+peak = json.load(open(sys.argv[1]))["rows"]["ours_lora"]["absolute_peak"]
+print(f"1.3B LoRA step at 81x480x832: absolute peak {peak / 1e9:.1f} GB (target < 24 GB)")
+if peak >= 24e9:
+    raise SystemExit("the LoRA step needs 24 GB or more")
+EOF
 
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 if (( gpus >= 2 )); then
