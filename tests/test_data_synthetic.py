@@ -88,3 +88,16 @@ def test_cli(tmp_path, capsys):
     assert "wrote 3 train videos" in capsys.readouterr().out
     assert len(list((tmp_path / "train").glob("shard-*.tar"))) == 1
     assert len(list((tmp_path / "val").glob("shard-*.tar"))) == 1
+
+
+def test_extra_colours_only_when_asked_and_the_default_data_unchanged():
+    from vidgen.data.synthetic import COLOURS, render_video
+
+    for i in range(20):
+        a, info = render_video(32, 3, np.random.default_rng([0, i]))
+        b, _ = render_video(32, 3, np.random.default_rng([0, i]), shape_colours=list(COLOURS))
+        assert np.array_equal(a, b) and info["colour"] != "brown"  # the same draws as before brown
+        _, brown = render_video(32, 3, np.random.default_rng([0, i]), shape_colours=["brown"])
+        assert brown["colour"] == "brown" and brown["background_colour"] in COLOURS
+    with pytest.raises(ValueError, match="shape colours \\['pink'\\]: valid are red, .*brown"):
+        render_video(32, 3, np.random.default_rng(0), shape_colours=["pink"])

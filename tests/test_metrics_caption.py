@@ -120,3 +120,23 @@ def test_unparsed_captions_are_counted_not_scored():
         acc.update(torch.stack([video, video]), [info["caption"]])
     empty = CaptionAccuracy().compute()
     assert empty["caption_accuracy"] is None and empty["caption_clips"] == 0
+
+
+def test_brown_clips_of_the_fine_tuning_data_pass_and_are_told_from_orange(tmp_path):
+    """brown (150, 90, 40) is near darkened orange: brown shapes through H.264 still pass, and
+    are not taken for orange ones (nor the other way round)."""
+    from vidgen.data.synthetic import ALL_COLOURS
+
+    px = torch.tensor(ALL_COLOURS["brown"], dtype=torch.float32) / 127.5 - 1
+    assert list(ALL_COLOURS)[int(palette_labels(px.view(3, 1, 1, 1))[0, 0, 0])] == "brown"
+    make_synthetic_dataset(tmp_path, num_videos=1, size=64, frames=17, val_videos=24, seed=5,
+                           shape_colours=["brown"])
+    acc, as_orange = CaptionAccuracy(), CaptionAccuracy()
+    for batch in build_video_dataset(str(tmp_path / "val"), mode="video", num_frames=17, height=64,
+                                     width=64, batch_size=8, resampled=False, deterministic=True):
+        captions = list(batch["caption"])
+        assert all(" brown " in f" {c} " for c in captions)
+        acc.update(batch["video"], captions)
+        as_orange.update(batch["video"], [c.replace("a brown", "an orange", 1) for c in captions])
+    assert acc.compute()["caption_accuracy"] == 1.0 and acc.compute()["caption_clips"] == 24
+    assert as_orange.compute()["caption_shape"] == 0.0

@@ -41,6 +41,10 @@ COLOURS = {
     "purple": (130, 65, 190),
     "white": (240, 240, 240),
 }
+# Shape colours the generator draws only when asked (``shape_colours``): concepts the default
+# data never shows, for fine-tuning (``make demo-lora`` teaches the demo DiT brown shapes).
+EXTRA_COLOURS = {"brown": (150, 90, 40)}
+ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
 SHAPES = ("circle", "square", "triangle", "diamond")
 # (caption phrase, unit direction in image coordinates: x right, y down)
 _D = 1 / np.sqrt(2)
@@ -111,14 +115,27 @@ def _shape_sdf(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarr
     raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
 
 
-def render_video(size: int, frames: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """One random scene.
+def check_shape_colours(shape_colours) -> list[str]:
+    """The shape colours to draw from (None: the default palette ``COLOURS``); unknown names
+    are an error naming the valid ones."""
+    names = list(COLOURS) if shape_colours is None else [str(c) for c in shape_colours]
+    unknown = [c for c in names if c not in ALL_COLOURS]
+    if unknown or not names:
+        raise ValueError(f"shape colours {unknown or names}: valid are {', '.join(ALL_COLOURS)}")
+    return names
+
+
+def render_video(
+    size: int, frames: int, rng: np.random.Generator, shape_colours=None
+) -> tuple[np.ndarray, dict]:
+    """One random scene; its shape colour drawn from ``shape_colours`` (None: ``COLOURS``), its
+    background colour always from ``COLOURS``.
 
     Returns:
         (uint8 frames ``[frames, size, size, 3]``, dict with the caption and its parts)
     """
     shape = str(rng.choice(SHAPES))
-    colour_name = str(rng.choice(list(COLOURS)))
+    colour_name = str(rng.choice(check_shape_colours(shape_colours)))
     bg_colour_name = str(rng.choice([c for c in COLOURS if c not in (colour_name, "white")]))
     motion = str(rng.choice(list(MOTIONS)))
     background = str(rng.choice(BACKGROUNDS))
@@ -141,7 +158,7 @@ def render_video(size: int, frames: int, rng: np.random.Generator) -> tuple[np.n
     dy = y[None] - centres[:, 1, None, None]
     # 1-pixel antialiased edge: coverage goes 1 -> 0 as the distance goes -0.5 -> 0.5.
     alpha = np.clip(0.5 - _shape_sdf(shape, dx, dy, r), 0.0, 1.0)[..., None]
-    fg = np.array(COLOURS[colour_name], np.float32)
+    fg = np.array(ALL_COLOURS[colour_name], np.float32)
     video = bg[None] * (1 - alpha) + fg * alpha
 
     caption = (
@@ -161,11 +178,11 @@ def render_video(size: int, frames: int, rng: np.random.Generator) -> tuple[np.n
 
 
 def _write_split(out_dir: Path, split: str, count: int, size: int, frames: int, fps: float,
-                 seed: int, shard_size: int) -> list[str]:
+                 seed: int, shard_size: int, shape_colours=None) -> list[str]:
     with VideoShardWriter(out_dir / split, max_samples=shard_size) as writer:
         for i in range(count):
             rng = np.random.default_rng([seed, SPLITS[split], i])
-            video, info = render_video(size, frames, rng)
+            video, info = render_video(size, frames, rng, shape_colours)
             # One keyframe per second keeps random clip starts cheap to seek to. MB-tree
             # rate control is off because with it this libx264 build gives run-to-run
             # different bitstreams for identical input (seen at 32-64 px); without it the
@@ -187,8 +204,10 @@ def make_synthetic_dataset(
     seed: int = 0,
     shard_size: int = 100,
     overwrite: bool = False,
+    shape_colours=None,
 ) -> dict:
-    """Write ``num_videos`` training and ``val_videos`` validation videos as shards.
+    """Write ``num_videos`` training and ``val_videos`` validation videos as shards
+    (``shape_colours``: the shape colours drawn, None: ``COLOURS``).
 
     Returns:
         ``{"train": [shard paths], "val": [shard paths]}`` (``val`` empty when
@@ -202,6 +221,7 @@ def make_synthetic_dataset(
         raise ValueError(f"frames must be >= 1, got {frames}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    check_shape_colours(shape_colours)
     out = Path(out)
     existing = sorted(out.glob("*/shard-*.tar"))
     if existing and not overwrite:
@@ -210,10 +230,13 @@ def make_synthetic_dataset(
         path.unlink()
 
     shards = {
-        "train": _write_split(out, "train", num_videos, size, frames, fps, seed, shard_size),
-        "val": _write_split(out, "val", val_videos, size, frames, fps, seed, shard_size) if val_videos else [],
+        "train": _write_split(out, "train", num_videos, size, frames, fps, seed, shard_size, shape_colours),
+        "val": _write_split(out, "val", val_videos, size, frames, fps, seed, shard_size, shape_colours)
+        if val_videos else [],
     }
     params = dict(num_videos=num_videos, val_videos=val_videos, size=size, frames=frames, fps=fps, seed=seed)
+    if shape_colours is not None:
+        params["shape_colours"] = list(shape_colours)
     (out / "info.json").write_text(json.dumps(dict(params, shards=shards), indent=2))
     return shards
 
@@ -232,13 +255,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=100, help="videos per shard")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
+    parser.add_argument("--shape-colours", nargs="+", default=None, metavar="COLOUR",
+                        help=f"shape colours to draw (default: {' '.join(COLOURS)}; also: {' '.join(EXTRA_COLOURS)})")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     try:
         shards = make_synthetic_dataset(
             args.out, args.num_videos, args.size, args.frames, args.fps,
-            args.val_videos, args.seed, args.shard_size, args.overwrite,
+            args.val_videos, args.seed, args.shard_size, args.overwrite, args.shape_colours,
         )
     except (ValueError, FileExistsError) as err:
         parser.error(str(err))

@@ -15,7 +15,8 @@ has three parts that can be checked against the frames with the generator's own 
 - motion: the least-squares track of the blob's centre moves at least `min_travel` of
   the frame side, in the direction nearest the captioned one of the eight in `MOTIONS`.
 
-Each pixel takes the palette colour whose ray (the colour scaled by 0.5 to 1.05: the
+The palette is every colour the generator can draw (``ALL_COLOURS``: the default ones and
+brown, which only fine-tuning data has). Each pixel takes the palette colour whose ray (the colour scaled by 0.5 to 1.05: the
 backgrounds darken their colour to 0.55) is nearest in RGB. The shape type (circle, square,
 ...) and the texture (striped, ...) are not checked.
 
@@ -31,7 +32,8 @@ import re
 
 import torch
 
-from vidgen.data.synthetic import COLOURS, MOTIONS
+from vidgen.data.synthetic import ALL_COLOURS as COLOURS
+from vidgen.data.synthetic import MOTIONS
 from vidgen.metrics.distributed import all_reduce_sum
 
 PARTS = ("background", "shape", "motion")
