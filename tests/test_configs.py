@@ -26,6 +26,7 @@ def _compose(overrides):
 
 
 LATENT_EXPERIMENTS = {e for e in EXPERIMENTS if "dit" in e}
+MIXTURE_EXPERIMENTS = {"demo/dit_lora"}  # data.train.sources, not shards
 # parameter counts of the DiT presets (Wan2.1 1.3B / 14B, text_dim 4096)
 PRESET_PARAMS = {"1.3B": 1.42e9, "14B": 14.3e9}
 
@@ -65,6 +66,9 @@ def latents(tmp_path_factory):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_resolves_and_instantiates(experiment, latents):
     data = [f"data.train.shards={latents}", f"data.val.shards={latents}"] if experiment in LATENT_EXPERIMENTS else []
+    if experiment in MIXTURE_EXPERIMENTS:  # a weighted mixture of latent folders instead of one
+        data = [f"data.train.sources=[{{name: a, shards: {latents}, weight: 1.0}}]", "data.train.shards=null",
+                f"data.val.shards={latents}"]
     cfg = _resolved([f"experiment={experiment}", "model.require_init_from=false",
                      "model.loss.lpips_random_backbone=true" if "vae" in experiment else "seed=42", *data])
     assert cfg.task_name in str(cfg.paths.run_dir) and cfg.task_name.replace("demo_", "") in experiment.replace("/", "_").replace("demo_", "")

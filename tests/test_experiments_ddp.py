@@ -158,15 +158,19 @@ def dit_inits(tmp_path_factory, setup):  # noqa: F811
 
 
 DIT_CASES = {"demo/dit_stage1": None, "demo/dit_stage2": "demo", "dit/stage1": None, "dit/stage2": "wan",
-             "dit/lora": "converted", "dit/finetune_wan": "converted"}
+             "dit/lora": "converted", "dit/finetune_wan": "converted", "demo/dit_lora": "demo"}
 
 
 @pytest.mark.parametrize("experiment", sorted(DIT_CASES))
 def test_dit_experiment_under_ddp(tmp_path, setup, dit_inits, experiment):  # noqa: F811
     init = DIT_CASES[experiment]
     run = tmp_path / experiment.replace("/", "_")
-    wan_text = ["model.dit.text_len=512"] if init == "converted" else []
-    proc = _launch(run, experiment, *_dit_overrides(setup), *wan_text,
+    overrides = _dit_overrides(setup) + (["model.dit.text_len=512"] if init == "converted" else [])
+    if experiment == "demo/dit_lora":  # its brown / base mixture, here of the same latents twice
+        overrides = [o for o in overrides if not o.startswith("data.train.shards=")] + [
+            f"data.train.sources=[{{name: a, shards: {setup}/train, weight: 0.5}}, "
+            f"{{name: b, shards: {setup}/train, weight: 0.5}}]", "data.train.shards=null"]
+    proc = _launch(run, experiment, *overrides,
                    *([f"model.init_from={dit_inits[init]}"] if init else []))
     rows = _check_run(proc, run, {"loss"}, "lora/lora.json" if "lora" in experiment else "dit/config.json")
     assert max(float(r["train/nonfinite"]) for r in rows if r.get("train/nonfinite")) == 1

@@ -20,8 +20,8 @@ from vidgen.models.dit.lora import (
     DIFFUSERS_FILE,
     INFO_FILE,
     WAN_FILE,
-    add_lora,
     adapted_modules,
+    add_lora,
     export_lora,
     lora_tensors,
     merge_lora,
@@ -125,7 +125,7 @@ def test_files_use_each_tools_keys_without_peft_default(wan):
     assert not [k for k in (*d, *w) if ".default" in k]
     # the scale survives in both: folded into diffusers' lora_B, stored as alpha in Wan's
     key = "blocks.0.self_attn.to_q"
-    torch.testing.assert_close(d[f"transformer.blocks.0.attn1.to_q.lora_B.weight"],
+    torch.testing.assert_close(d["transformer.blocks.0.attn1.to_q.lora_B.weight"],
                                w["diffusion_model.blocks.0.self_attn.q.lora_B.weight"] * ALPHA / RANK)
     torch.testing.assert_close(read_lora(root / "lora" / WAN_FILE)[key][1], read_lora(root / "lora")[key][1])
     info = json.loads((root / "lora" / INFO_FILE).read_text())

@@ -1,6 +1,7 @@
 """The end of `make demo`: one table of its figures and one picture to look at.
 
     python -m vidgen.tools.demo_report --demo outputs/demo --shards data/synthetic/val
+    python -m vidgen.tools.demo_report --demo outputs/demo --lora     # the end of `make demo-lora`
 
 Reads what the demo wrote under ``--demo``:
 
@@ -12,6 +13,10 @@ Reads what the demo wrote under ``--demo``:
 Writes ``summary.md`` (the table, also printed) and ``contact_sheet.png``: held-out clips
 over their reconstructions by the final VAE, then the DiT samples, each under its caption
 and the verdict of the caption check (vidgen.metrics.caption).
+
+``--lora`` writes ``dit_lora/summary.md`` instead: the caption accuracy of the demo DiT with
+and without its LoRA (``LORA_REPORTS``) on held-out brown captions and on the base palette's,
+and ``stage_times_lora.txt``'s wall times.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from vidgen.metrics.caption import PARTS, check_clip
 
 VAE_REPORTS = (("VAE stage 2", "eval_vae_stage2"), ("VAE stage 3", "eval"))
 DIT_REPORT = "eval_dit"
+# (row, brown-caption report, base-palette report) of `make demo-lora`
+LORA_REPORTS = (("demo DiT", "eval_lora_brown_base", DIT_REPORT),
+                ("demo DiT + LoRA", "eval_lora_brown", "eval_lora_palette"))
 
 
 def stage_times(path: Path) -> list[tuple[str, float]]:
@@ -68,13 +76,27 @@ def summary_table(demo: Path) -> str:
         )
     m = _metrics(demo / DIT_REPORT)
     lines.append(f"| DiT samples ({m['caption_clips']} held-out captions) | | | | {_caption_cell(m)} | |")
-    times_path = demo / "stage_times.txt"
-    if times_path.is_file():
-        times = stage_times(times_path)
-        lines += ["", "| Stage | wall time |", "|---|---|"]
-        lines += [f"| {name} | {sec / 60:.1f} min |" for name, sec in times]
-        lines.append(f"| total | {sum(s for _, s in times) / 60:.1f} min |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _time_rows(demo / "stage_times.txt")) + "\n"
+
+
+def _time_rows(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    times = stage_times(path)
+    rows = ["", "| Stage | wall time |", "|---|---|"]
+    rows += [f"| {name} | {sec / 60:.1f} min |" for name, sec in times]
+    return rows + [f"| total | {sum(s for _, s in times) / 60:.1f} min |"]
+
+
+def lora_table(demo: Path) -> str:
+    """`make demo-lora`'s figures: caption accuracy with and without the LoRA, wall times."""
+    lines = ["| DiT | held-out brown captions (background / shape / motion) | base-palette captions |",
+             "|---|---|---|"]
+    for label, brown, palette in LORA_REPORTS:
+        b, p = _metrics(demo / brown), _metrics(demo / palette)
+        lines.append(f"| {label} | {_caption_cell(b)} of {b['caption_clips']} | "
+                     f"{_caption_cell(p)} of {p['caption_clips']} |")
+    return "\n".join(lines + _time_rows(demo / "stage_times_lora.txt")) + "\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -156,8 +178,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--demo", default="outputs/demo", help="the demo's output folder")
     parser.add_argument("--shards", default="data/synthetic/val", help="the held-out shards")
     parser.add_argument("--clips", type=int, default=4, help="held-out clips on the contact sheet")
+    parser.add_argument("--lora", action="store_true", help="the table of `make demo-lora` instead")
     args = parser.parse_args(argv)
     demo = Path(args.demo)
+    if args.lora:
+        table = lora_table(demo)
+        (demo / "dit_lora" / "summary.md").write_text(table)
+        print(table)
+        return
     table = summary_table(demo)
     (demo / "summary.md").write_text(table)
     build_contact_sheet(demo, args.shards, args.clips, demo / "contact_sheet.png")
