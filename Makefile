@@ -18,9 +18,9 @@ DEMO_I2V_EVAL := data.shards=data/synthetic/val data.num_frames=9 data.height=64
 LORA_DATA := data/synthetic_brown
 DEMO_LORA_EVAL := data.shards=$(LORA_DATA)/val data.num_frames=9 data.height=64 data.width=64 \
 	data.max_videos=16 metrics.fvd=false metrics.lpips=false
-LORA_DONE = echo "$(1) $$(date +%s)" >> $(DEMO)/stage_times_lora.txt
 # after each demo stage: "<stage> <unix seconds>" for the wall time table of demo_report
-STAGE_DONE = echo "$(1) $$(date +%s)" >> $(DEMO)/stage_times.txt
+# (a second argument names another times file: make demo-lora's stage_times_lora.txt)
+STAGE_DONE = echo "$(1) $$(date +%s)" >> $(DEMO)/$(or $(2),stage_times.txt)
 # what the demo DiT samples (one mp4 each)
 DEMO_PROMPTS := a red circle moving left to right on a blue striped background,\
 	a yellow square moving top to bottom on a green gradient background,\
@@ -89,22 +89,22 @@ demo: $(STAMP) data/synthetic/train  ## the whole pipeline on bundled synthetic 
 demo-lora: $(STAMP)  ## a LoRA on top of `make demo`: teach its DiT brown shapes (CPU, ~5 min on 2 cores)
 	@test -f $(DEMO)/dit_stage2/dit/config.json || { echo "demo-lora fine-tunes make demo's DiT: run make demo first"; exit 1; }
 	rm -rf $(DEMO)/dit_lora $(DEMO)/latents_brown $(DEMO)/eval_lora_* $(DEMO)/stage_times_lora.txt
-	$(call LORA_DONE,start)
+	$(call STAGE_DONE,start,stage_times_lora.txt)
 	test -d $(LORA_DATA)/train || $(PY) -m vidgen.data.synthetic --out $(LORA_DATA) --num-videos 128 \
 		--val-videos 16 --size 64 --frames 17 --fps 8 --seed 1 --shape-colours brown
 	for s in train val; do $(PY) -m vidgen.tools.encode_latents vae=$(DEMO)/vae_stage3 \
 		data.shards=$(LORA_DATA)/$$s out=$(DEMO)/latents_brown/$$s 'data.buckets=[5x32x32,9x64x64]' \
 		every_bucket=true chunked=false data.batch_size=8 || exit 1; done
-	$(call LORA_DONE,brown_latents)
+	$(call STAGE_DONE,brown_latents,stage_times_lora.txt)
 	VIDGEN_RUN_ID=demo $(PY) train.py experiment=demo/dit_lora paths.run_dir=$(DEMO)/dit_lora \
 		model.init_from=$(DEMO)/dit_stage2
-	$(call LORA_DONE,dit_lora)
+	$(call STAGE_DONE,dit_lora,stage_times_lora.txt)
 	$(PY) eval.py task=dit_gen ckpt=$(DEMO)/dit_stage2 $(DEMO_LORA_EVAL) out=$(DEMO)/eval_lora_brown_base
 	$(PY) eval.py task=dit_gen ckpt=$(DEMO)/dit_stage2 lora=$(DEMO)/dit_lora/lora $(DEMO_LORA_EVAL) \
 		out=$(DEMO)/eval_lora_brown
 	$(PY) eval.py task=dit_gen ckpt=$(DEMO)/dit_stage2 lora=$(DEMO)/dit_lora/lora $(DEMO_DIT_EVAL) \
 		out=$(DEMO)/eval_lora_palette
-	$(call LORA_DONE,eval)
+	$(call STAGE_DONE,eval,stage_times_lora.txt)
 	$(PY) -m vidgen.tools.demo_report --demo $(DEMO) --lora
 
 demo-i2v: $(STAMP) data/synthetic/train  ## image-to-video on top of `make demo` (its VAE and T2V DiT; CPU)

@@ -21,8 +21,7 @@ import torch
 from vidgen.diffusion.generate import PIPELINE_NAME
 from vidgen.lit.dit import load_dit
 from vidgen.sample import read_pipeline
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from vidgen.tools.convert_dit import DTYPES
 
 
 def merge(base: str, lora: str, out: str, scale: float = 1.0, dtype: torch.dtype | None = None,
