@@ -37,9 +37,10 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
 
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from vidgen.data.pipeline import build_video_dataset, keep_batch
 from vidgen.data.shards import VideoShardWriter
@@ -140,17 +141,49 @@ def pipeline_rate(shards: str, workers: int, args, dtype: str = "float32", frame
         shuffle_buffer=args.shuffle_buffer, seed=0, dtype=dtype,
     )
     loader = DataLoader(dataset, batch_size=None, collate_fn=keep_batch, num_workers=workers)  # as VideoDataModule
+    return loader_rate(loader, workers, lambda batch: len(batch["key"]))
+
+
+def loader_rate(loader: DataLoader, workers: int, count) -> tuple[float, float]:
+    """(items/s after a warm-up batch per worker, items per CPU-s over the whole run, the
+    workers' CPU included); ``count(batch)`` is the number of items in a batch."""
     cpu_main, cpu_children = time.process_time(), _children_cpu()
     it = iter(loader)
     total = 0
     for _ in range(max(1, workers)):  # one batch per worker: process start + buffer fill
-        total += len(next(it)["key"])
+        total += count(next(it))
     wall = time.perf_counter()
-    timed = sum(len(batch["key"]) for batch in it)  # exhausting it also joins the workers
+    timed = sum(count(batch) for batch in it)  # exhausting it also joins the workers
     wall = time.perf_counter() - wall
     total += timed
     cpu = (time.process_time() - cpu_main) + (_children_cpu() - cpu_children)
     return timed / wall, total / cpu
+
+
+class PILImages(Dataset):
+    """The raw PIL loop as a torch map-style dataset (uint8 ``[H, W, 3]`` per item), for
+    torch's stock DataLoader and ``default_collate``: the cost any loader pays to move
+    batches out of its workers, with nothing of ours in it."""
+
+    def __init__(self, jpegs: list[bytes], num_images: int):
+        self.jpegs, self.num_images = jpegs, num_images
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(self.jpegs[i % len(self.jpegs)])).convert("RGB"))
+
+
+def stock_loader_image_rate(jpegs: list[bytes], workers: int, args) -> tuple[float, float]:
+    """(images/s, images per CPU-s) of PILImages through torch's DataLoader, same batch size."""
+    count = args.images + max(1, workers) * args.batch_size  # the warm-up batches come on top
+    # PIL's arrays are read-only; default_collate only reads them (stacking copies).
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    loader = DataLoader(PILImages(jpegs, count), batch_size=args.batch_size, num_workers=workers)
+    return loader_rate(loader, workers, len)
 
 
 def main() -> None:
@@ -212,11 +245,19 @@ def main() -> None:
             print(f"{'raw PIL decode loop':<30}{img_wall:>9.1f}{img_wall:>12.1f}{1.0:>8.2f}{img_cpu:>13.1f}{1.0:>8.2f}")
             row("raw simplejpeg decode loop", [raw_image_rate(jpegs, args.images, "simplejpeg") for _ in range(args.trials)],
                 img_wall, img_cpu, 0)
+            ours = {}
             for workers in args.workers:
-                row(f"uint8 images, {workers} worker(s)",
-                    trials(os.path.join(tmp, "images"), workers, args, "uint8", frames=1, size=args.image_size,
-                           count=args.images),
-                    img_wall, img_cpu, workers)
+                ours[workers] = trials(os.path.join(tmp, "images"), workers, args, "uint8", frames=1,
+                                       size=args.image_size, count=args.images)
+                row(f"uint8 images, {workers} worker(s)", ours[workers], img_wall, img_cpu, workers)
+            print("in loader workers, against the raw PIL loop through torch's DataLoader "
+                  "(default_collate, same workers and batch size); ratios against that row")
+            for workers in (w for w in args.workers if w > 0):
+                stock = [stock_loader_image_rate(jpegs, workers, args) for _ in range(args.trials)]
+                stock_wall, stock_cpu = max(r[0] for r in stock), max(r[1] for r in stock)
+                row(f"PIL, torch DataLoader, {workers} w", stock, stock_wall / max(1, workers), stock_cpu, workers)
+                row(f"uint8 images, {workers} worker(s)", ours[workers], stock_wall / max(1, workers), stock_cpu,
+                    workers)
 
         if "http" not in args.skip:
             disk = [pipeline_rate(shards, 0, args, "uint8") for _ in range(args.trials)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vidgen.data.pipeline import SKIP_REASONS, build_video_dataset
+from vidgen.data.pipeline import SKIP_REASONS, build_video_dataset, keep_batch
 from vidgen.data.synthetic import make_synthetic_dataset
 from vidgen.data.video import encode_mp4, probe_video, resize_crop, to_model_range
 
@@ -92,8 +92,10 @@ def test_uint8_batches_give_the_float_batches_after_conversion(synth, size):
     assert [b["key"] for b in as_uint8] == [b["key"] for b in as_float]
     for u, f in zip(as_uint8, as_float):
         assert u["video"].dtype == torch.uint8 and u["video"].shape == f["video"].shape
+        # Channel-last bytes, as the decoders write them; the conversion makes them contiguous.
+        assert u["video"].permute(0, 2, 3, 4, 1).is_contiguous() and not u["video"].is_contiguous()
         converted = to_model_range(u["video"])
-        assert converted.dtype == torch.float32
+        assert converted.dtype == torch.float32 and converted.is_contiguous()
         if size == 32:
             assert torch.equal(converted, f["video"])
         else:  # resized pixels are rounded to uint8: at most half a level apart
@@ -348,4 +350,20 @@ def test_dataloader_workers_share_the_epoch(synth):
     again = [b["key"] for b in loader]
     assert len(epoch0) == len(epoch1) == 5
     assert epoch0 != epoch1 and epoch0 == again
-    assert isinstance(next(iter(loader))["num_skipped"], torch.Tensor)
+    assert isinstance(next(iter(loader))["num_skipped"], int)
+
+
+def test_uint8_batches_from_workers_give_the_float_batches(synth):
+    """uint8 batches cross from the workers in shared memory in their channel-last layout."""
+    kwargs = dict(num_frames=5, height=32, width=32, batch_size=3, batches_per_epoch=4,
+                  shuffle_buffer=8, seed=1)
+
+    def batches(dtype):
+        dataset = build_video_dataset(str(synth / "train"), dtype=dtype, **kwargs)
+        return list(DataLoader(dataset, batch_size=None, collate_fn=keep_batch, num_workers=2))
+
+    as_uint8, as_float = batches("uint8"), batches("float32")
+    assert [b["key"] for b in as_uint8] == [b["key"] for b in as_float] and len(as_uint8) == 4
+    for u, f in zip(as_uint8, as_float):
+        assert u["video"].permute(0, 2, 3, 4, 1).is_contiguous()
+        assert torch.equal(to_model_range(u["video"]), f["video"])

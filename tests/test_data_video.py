@@ -122,10 +122,18 @@ def test_resize_crop_writes_into_out():
     result = resize_crop(frames, 32, 32, out=batch[1])
     assert result.data_ptr() == batch[1].data_ptr()
     assert torch.equal(batch[1], resize_crop(frames, 32, 32)) and not batch[0].any()
-    with pytest.raises(ValueError, match=r"out must be contiguous float32 or uint8 \[3, 4, 32, 32\]"):
+    with pytest.raises(ValueError, match=r"out must be float32 or uint8 \[3, 4, 32, 32\]"):
         resize_crop(frames, 32, 32, out=torch.zeros(3, 4, 32, 31))
     with pytest.raises(ValueError, match=r"got torch.float64"):
         resize_crop(frames, 32, 32, out=torch.zeros(3, 4, 32, 32, dtype=torch.float64))
+    # uint8 may also be channel-last (as pipeline batches are), float32 may not.
+    for size, crop in ((32, frames[:, 8:40, 16:48]), (24, None)):  # crop only, and a resize
+        last = torch.zeros(4, size, size, 3, dtype=torch.uint8)
+        out = resize_crop(frames if crop is None else crop, size, size, out=last.permute(3, 0, 1, 2))
+        want = resize_crop(frames if crop is None else crop, size, size, out=torch.zeros(3, 4, size, size, dtype=torch.uint8))
+        assert out.data_ptr() == last.data_ptr() and torch.equal(out, want) and last.any()
+    with pytest.raises(ValueError, match=r"contiguous \(uint8: or channel-last\)"):
+        resize_crop(frames, 32, 32, out=torch.zeros(4, 32, 32, 3).permute(3, 0, 1, 2))
 
 
 @pytest.mark.parametrize("size", [(48, 64), (32, 40)])  # resize + crop, crop only

@@ -168,7 +168,7 @@ class LatentShardDataset(ShardStream):
 
         packed:      PackedBatch (clean latent tokens, text, grids; t=None)
         stage:       index of the schedule stage it was packed for
-        num_skipped: int64 scalar, unreadable samples this worker skipped since its last batch
+        num_skipped: int, unreadable samples this worker skipped since its last batch
     """
 
     def __init__(
@@ -255,7 +255,7 @@ class LatentShardDataset(ShardStream):
         )
         for packed in buffer:
             skipped, self._skipped = self._skipped, 0
-            yield dict(packed=packed, stage=0, num_skipped=torch.tensor(skipped),
+            yield dict(packed=packed, stage=0, num_skipped=skipped,
                        counts=count_sources(m.get("source") for m in packed.meta))
         if not final:
             raise RuntimeError("the latent stream ended although it is resampled")

@@ -152,12 +152,12 @@ class VideoShardDataset(ShardStream):
     ``collate_fn=keep_batch``)::
 
         video:       float32 [B, 3, T, H, W] in [-1, 1]   (image mode: T = 1), or with
-                     dtype="uint8" the pixels 0..255 (to_model_range maps them later)
+                     dtype="uint8" the pixels 0..255, channel-last in memory (to_model_range maps them later)
         bucket:      str, the batch's bucket "FxHxW" (one per batch)
         caption:     list[str], length B
         key:         list[str]
         meta:        list[dict]  shard JSON + frame_indices, bucket ("FxHxW"), shard url
-        num_skipped: int64 scalar tensor, samples this worker skipped since its last batch
+        num_skipped: int, samples this worker skipped since its last batch
         skipped:     dict[reason, int], the same broken down by SKIP_REASONS
         counts:      dict[event, int], costly events since its last batch that skipped
                      nothing (``probed_meta``: a video opened to read its metadata)
@@ -417,14 +417,23 @@ def _with_trailing_skips(batches: Iterator[dict], counter: _SkipCounter) -> Iter
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; in a loader worker it lives in shared memory (as in
-    torch's default_collate), so handing the batch to the main process copies nothing.
+    """An uninitialised ``[B, 3, T, H, W]`` batch; in a loader worker it lives in shared
+    memory (as in torch's default_collate), so handing it to the main process copies nothing.
+
+    A uint8 batch keeps the decoders' channel-last byte order (``[B, T, H, W, 3]`` in
+    memory, a permuted view): filling a slot is a plain copy, not the HWC -> CHW transpose
+    that took a quarter of the time per 256px image; ``to_model_range`` transposes while it
+    converts to float, on the training device (bench/bench_data.py).
     """
+    b, c, t, h, w = shape
+    stored = (b, t, h, w, c) if dtype == torch.uint8 else shape
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    template = torch.empty(0, dtype=dtype)
-    storage = template._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return template.new(storage).resize_(shape)
+        tensor = torch.empty(stored, dtype=dtype)
+    else:
+        template = torch.empty(0, dtype=dtype)
+        storage = template._typed_storage()._new_shared(math.prod(shape), device="cpu")
+        tensor = template.new(storage).resize_(stored)
+    return tensor.permute(0, 4, 1, 2, 3) if dtype == torch.uint8 else tensor
 
 
 class _Group:
@@ -449,7 +458,7 @@ class _Group:
                 dict(s.meta, frame_indices=indices, bucket=str(self.bucket), shard=s.url)
                 for s, indices in zip(self.samples, self.indices)
             ],
-            num_skipped=torch.tensor(sum(skipped.values()), dtype=torch.int64),
+            num_skipped=sum(skipped.values()),
             skipped=skipped,
             counts={**counter.take_notes(), **count_sources(s.source for s in self.samples)},
         )

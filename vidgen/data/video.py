@@ -251,10 +251,11 @@ def resize_crop(
 
     Args:
         frames: uint8 ``[T, H, W, 3]`` (numpy or torch).
-        out: optional contiguous float32 or uint8 CPU tensor ``[3, T, height, width]`` to
-            write into (e.g. one slot of a batch), saving an allocation and a copy. A uint8
-            ``out`` keeps pixel values (0..255, resized values rounded); ``to_model_range``
-            maps them to ``[-1, 1]`` later, e.g. on the GPU.
+        out: optional float32 or uint8 CPU tensor ``[3, T, height, width]`` to write
+            into (e.g. one slot of a batch), saving an allocation and a copy: contiguous,
+            or for uint8 also channel-last (a permuted view of ``[T, height, width, 3]``,
+            as pipeline batches are). A uint8 ``out`` keeps pixel values (0..255, resized
+            values rounded); ``to_model_range`` maps them to ``[-1, 1]`` later, e.g. on the GPU.
 
     Returns:
         float32 ``[3, T, height, width]`` in ``[-1, 1]`` (``out`` when given, in its dtype).
@@ -266,9 +267,10 @@ def resize_crop(
     if out is None:
         out = torch.empty((3, t, height, width), dtype=torch.float32)
     elif (out.shape != (3, t, height, width) or out.dtype not in (torch.float32, torch.uint8)
-          or not out.is_contiguous()):
+          or not (out.is_contiguous() or out.dtype == torch.uint8 and out.permute(1, 2, 3, 0).is_contiguous())):
         raise ValueError(
-            f"out must be contiguous float32 or uint8 [3, {t}, {height}, {width}], got {out.dtype} {tuple(out.shape)}"
+            f"out must be float32 or uint8 [3, {t}, {height}, {width}], contiguous (uint8: or channel-last), "
+            f"got {out.dtype} {tuple(out.shape)} with strides {out.stride()}"
         )
     scale = max(height / h, width / w)
     # Cover the target in both dimensions; rounding must never leave us short of it.
@@ -302,7 +304,9 @@ def to_model_range(video: torch.Tensor) -> torch.Tensor:
     frames that were not resized."""
     if video.dtype != torch.uint8:
         return video
-    return video.float().mul_(1 / 127.5).sub_(1.0)
+    # contiguous_format: pipeline batches are channel-last in memory; one pass converts
+    # and transposes them.
+    return video.to(torch.float32, memory_format=torch.contiguous_format).mul_(1 / 127.5).sub_(1.0)
 
 
 def fit_within(height: int, width: int, max_side: int | None) -> tuple[int, int]:
