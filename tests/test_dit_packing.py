@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vidgen.data.packing import collate_packed, first_fit_decreasing, num_tokens
 from vidgen.models.dit import (
     PackingBuffer,
     build_wan_dit,
@@ -11,7 +12,6 @@ from vidgen.models.dit import (
     patchify,
     unpatchify,
 )
-from vidgen.models.dit.packing import collate_packed, first_fit_decreasing, num_tokens
 
 PATCH = (1, 2, 2)
 

@@ -300,7 +300,7 @@ def test_dit_i2v_report_end_to_end_with_image_tokens(setup, i3d_calls, tmp_path)
     """An untrained I2V DiT with a tiny random CLIP image encoder: every figure is reported."""
     from test_image_encoder import make_tiny_clip
 
-    from vidgen.i2v import expand_t2v
+    from vidgen.models.dit import expand_t2v
     from vidgen.models.dit.model import wan_tiny
 
     clip = make_tiny_clip(tmp_path / "clip")

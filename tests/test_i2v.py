@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_vae_diffusers_parity import wan_vae_pair
 
-from vidgen.i2v import condition_video, encode_condition, expand_t2v, first_frame_mask
-from vidgen.models.dit import pack_samples
+from vidgen.i2v import condition_video, encode_condition, first_frame_mask
+from vidgen.models.dit import expand_t2v, pack_samples
 from vidgen.models.dit.model import wan_tiny
 
 diffusers = pytest.importorskip("diffusers")

@@ -19,8 +19,9 @@ from test_train import _cfg as vae_cfg
 from test_train import _losses, _weights
 from torch.utils.data import DataLoader
 
-from vidgen.data.datamodule import EpochDataLoader, VideoDataModule
+from vidgen.data.datamodule import VideoDataModule
 from vidgen.data.latents import EMPTY_NAME, FORMAT, INFO_NAME, LatentDataModule, encode_sample
+from vidgen.data.loader import EpochDataLoader
 from vidgen.data.pipeline import build_video_dataset
 from vidgen.run import train
 from vidgen.utils.checkpoint import load_checkpoint_file

@@ -3,7 +3,9 @@
     cond = encode_condition(vae, video)           # [B, 4 + z_dim, t, h, w]: mask + first-frame latent
     tokens = image_encoder.encode(video[:, :, 0])  # [B, Li, image_dim] (None with image_encoder=none)
     v = dit(x_t, t, text, cond=cond, image=tokens)
-    i2v = expand_t2v(t2v_dit, image_dim=1280)     # initialise I2V from a trained T2V DiT
+
+Tensor maths only (no model): the data layer builds training conditions with it. An I2V DiT
+initialised from a trained T2V one is ``vidgen.models.dit.expand_t2v(t2v_dit, image_dim=1280)``.
 
 The conditioning video is the first frame followed by zero frames, as long as the clip; the
 causal VAE encodes it to ``cond_latent`` (normalised like the training latents), whose first
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from vidgen.models.dit.model import WanDiT
 
 
 def condition_video(video: Tensor) -> Tensor:
@@ -70,36 +70,3 @@ def encode_condition(vae, video: Tensor, chunked: bool = True) -> Tensor:
 def drop_condition(cond: Tensor, image: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """The image-unconditional inputs: zeros shaped like ``cond`` and the image tokens."""
     return torch.zeros_like(cond), None if image is None else torch.zeros_like(image)
-
-
-@torch.no_grad()
-def expand_t2v(t2v: WanDiT, cond_channels: int | None = None, image_dim: int | None = None) -> WanDiT:
-    """An I2V WanDiT initialised from a T2V one: at step 0 it predicts exactly what ``t2v`` does.
-
-    Every T2V weight is copied; the ``cond_channels`` new patch-embedding input channels
-    (default: 4 mask + the latent channels) start at zero, and so does the image branch's value
-    projection (``add_v_proj``), so neither the conditioning nor the image tokens change the
-    output until training moves them. The image projector and key projections keep their
-    random init (zero values make their gradients zero only for the first step).
-    """
-    cfg = dict(t2v.config)
-    if cfg["in_channels"] != cfg["out_channels"] or "image_dim" in cfg:
-        raise ValueError(f"expand_t2v needs a text-to-video DiT, got in_channels={cfg['in_channels']}, "
-                         f"out_channels={cfg['out_channels']}, image_dim={cfg.get('image_dim')}")
-    cond_channels = 4 + cfg["out_channels"] if cond_channels is None else cond_channels
-    cfg["in_channels"] = cfg["out_channels"] + cond_channels
-    if image_dim is not None:
-        cfg["image_dim"] = image_dim
-    dtype = t2v.patch_embedding.weight.dtype
-    i2v = WanDiT(**cfg, attn_backend=t2v.attn_backend).to(dtype)
-    state = i2v.state_dict()
-    for name, value in t2v.state_dict().items():
-        if name == "patch_embedding.weight":
-            state[name].zero_()[:, : cfg["out_channels"]] = value
-        else:
-            state[name].copy_(value)
-    for block in i2v.blocks:
-        if image_dim is not None:
-            block.cross_attn.add_v_proj.weight.zero_()
-            block.cross_attn.add_v_proj.bias.zero_()
-    return i2v.to(t2v.patch_embedding.weight.device)

@@ -63,13 +63,13 @@ from safetensors.torch import save as st_save
 from torch.utils.data import DataLoader
 
 from vidgen.data.buckets import parse_buckets
-from vidgen.data.datamodule import EpochDataLoader, seed_worker, to_builtin, trained_position
+from vidgen.data.loader import EpochDataLoader, seed_worker, to_builtin, trained_position
+from vidgen.data.packing import PackingBuffer
 from vidgen.data.shard_io import ShardReadError, ShardRetry, read_shard, unreadable_summary
 from vidgen.data.shards import expand_shards
 from vidgen.data.sources import Source, count_sources, parse_sources
 from vidgen.data.streams import ShardStream, check_context_parallel, dist_rank_world, shuffled
 from vidgen.i2v import drop_condition, with_mask
-from vidgen.models.dit.packing import PackingBuffer
 
 log = logging.getLogger(__name__)
 

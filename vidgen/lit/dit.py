@@ -34,7 +34,7 @@ Image-to-video (``experiment=dit/i2v``): a DiT with conditioning channels (``dit
 condition and image tokens (stored by ``encode_latents i2v=true``, or computed here from the
 clip in the on-the-fly mode), dropped for image guidance with probability ``image_dropout``
 (latents: ``data.train.image_dropout``) independently of the caption. ``init_from`` a
-text-to-video DiT expands it (``vidgen.i2v.expand_t2v``): the new input channels and image
+text-to-video DiT expands it (``vidgen.models.dit.expand_t2v``): the new input channels and image
 values start at zero, so training starts from exactly the T2V model's predictions. The loss
 covers every latent frame, the conditioning one included: its target is the velocity towards
 the given frame's latent, which the model reads from ``cond``, so it is easy but it keeps the
@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from vidgen.data.packing import PackedBatch
 from vidgen.data.streams import check_context_parallel
 from vidgen.diffusion import (
     SOLVERS,
@@ -78,10 +79,9 @@ from vidgen.diffusion import (
 )
 from vidgen.diffusion.flow import TIMESTEP_MODES
 from vidgen.diffusion.generate import PIPELINE_NAME, generate_latents, sampling_shift
-from vidgen.models.dit import WanDiT, build_wan_dit, pack_samples, packing_efficiency
+from vidgen.models.dit import WanDiT, build_wan_dit, expand_t2v, pack_samples, packing_efficiency
 from vidgen.models.dit.context_parallel import ContextParallel, check_heads, context_parallel_group
 from vidgen.models.dit.lora import LORA_DEFAULTS, add_lora, export_lora, lora_tensors
-from vidgen.models.dit.packing import PackedBatch
 from vidgen.utils.checkpoint import find_export, read_module_state
 from vidgen.utils.config import checked_options
 from vidgen.utils.ema import EMA, ValidateWithEMA
@@ -98,9 +98,7 @@ def build_dit(size: str | None, dit: dict) -> WanDiT:
 
 def init_weights_from(dit: WanDiT, init_from: str, trust: bool = False) -> None:
     """Load an earlier stage's DiT into ``dit``: the same config, or a text-to-video DiT that
-    ``dit`` (image-to-video, otherwise the same) expands (``vidgen.i2v.expand_t2v``)."""
-    from vidgen.i2v import expand_t2v
-
+    ``dit`` (image-to-video, otherwise the same) expands (``vidgen.models.dit.expand_t2v``)."""
     src = load_dit(init_from, trust=trust)
     ours = dict(dit.config)
     if src.config != ours and src.cond_channels == 0 and dit.cond_channels > 0:

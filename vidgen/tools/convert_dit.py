@@ -37,7 +37,7 @@ import warnings
 
 import torch
 
-from vidgen.models.dit.model import CONFIG_NAME, WEIGHTS_NAME, WanDiT
+from vidgen.models.dit.model import CONFIG_NAME, WEIGHTS_NAME, WanDiT, expand_t2v
 from vidgen.models.dit.names import from_diffusers_name, to_diffusers_name
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None):
     )
     direction.add_argument(
         "--expand-t2v", metavar="DIR",
-        help="WanDiT text-to-video directory -> an I2V WanDiT that predicts as it does (vidgen.i2v.expand_t2v)",
+        help="WanDiT text-to-video directory -> an I2V WanDiT that predicts as it does (vidgen.models.dit.expand_t2v)",
     )
     parser.add_argument("--image-dim", type=int, default=None, help="--expand-t2v: image-token width")
     parser.add_argument(
@@ -226,8 +226,6 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.expand_t2v:
-        from vidgen.i2v import expand_t2v
-
         model = expand_t2v(WanDiT.from_pretrained(args.expand_t2v, dtype=dtype), image_dim=args.image_dim)
         model.save_pretrained(args.out)
     elif args.from_diffusers:

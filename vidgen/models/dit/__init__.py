@@ -1,8 +1,7 @@
-"""Wan2.1-style video DiT: model, attention backends and sequence packing."""
+"""Wan2.1-style video DiT: model and attention backends (sequence packing, its input, is
+``vidgen.data.packing``, re-exported here)."""
 
-from .attention import BACKENDS, attention, available_backends
-from .model import WAN_PRESETS, WanDiT, build_wan_dit
-from .packing import (
+from vidgen.data.packing import (
     PackedBatch,
     PackingBuffer,
     collate_packed,
@@ -11,6 +10,9 @@ from .packing import (
     patchify,
     unpatchify,
 )
+
+from .attention import BACKENDS, attention, available_backends
+from .model import WAN_PRESETS, WanDiT, build_wan_dit, expand_t2v
 
 __all__ = [
     "BACKENDS",
@@ -21,6 +23,7 @@ __all__ = [
     "attention",
     "available_backends",
     "build_wan_dit",
+    "expand_t2v",
     "collate_packed",
     "pack_samples",
     "packing_efficiency",

@@ -43,9 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .attention import BACKENDS, attention
-from .context_parallel import ContextParallel, SequenceShard
-from .packing import (
+from vidgen.data.packing import (
     PackedBatch,
     grid_positions,
     pad_packed_context,
@@ -53,6 +51,9 @@ from .packing import (
     patchify,
     unpatchify,
 )
+
+from .attention import BACKENDS, attention
+from .context_parallel import ContextParallel, SequenceShard
 
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] -> Wan's [0, 1000] timestep embedding input
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -526,7 +527,7 @@ class WanDiT(nn.Module):
         return unpatchify(out, grid, self.patch_size)
 
     def forward_packed(self, packed: PackedBatch, cp: ContextParallel | None = None) -> list[Tensor]:
-        """Packed samples of different shapes and text lengths (see packing.py).
+        """Packed samples of different shapes and text lengths (see vidgen.data.packing).
 
         ``packed.x`` holds the noisy tokens x_t [N, pt*ph*pw*C_out], ``packed.t`` the [S]
         per-sample times; I2V models also read ``packed.cond`` (conditioning tokens) and
@@ -708,3 +709,36 @@ def build_wan_dit(size: str, **kwargs) -> WanDiT:
     if size not in WAN_PRESETS:
         raise ValueError(f"unknown WanDiT size {size!r}; valid: {', '.join(WAN_PRESETS)}")
     return WAN_PRESETS[size](**kwargs)
+
+
+@torch.no_grad()
+def expand_t2v(t2v: WanDiT, cond_channels: int | None = None, image_dim: int | None = None) -> WanDiT:
+    """An I2V WanDiT initialised from a T2V one: at step 0 it predicts exactly what ``t2v`` does.
+
+    Every T2V weight is copied; the ``cond_channels`` new patch-embedding input channels
+    (default: 4 mask + the latent channels) start at zero, and so does the image branch's value
+    projection (``add_v_proj``), so neither the conditioning nor the image tokens change the
+    output until training moves them. The image projector and key projections keep their
+    random init (zero values make their gradients zero only for the first step).
+    """
+    cfg = dict(t2v.config)
+    if cfg["in_channels"] != cfg["out_channels"] or "image_dim" in cfg:
+        raise ValueError(f"expand_t2v needs a text-to-video DiT, got in_channels={cfg['in_channels']}, "
+                         f"out_channels={cfg['out_channels']}, image_dim={cfg.get('image_dim')}")
+    cond_channels = 4 + cfg["out_channels"] if cond_channels is None else cond_channels
+    cfg["in_channels"] = cfg["out_channels"] + cond_channels
+    if image_dim is not None:
+        cfg["image_dim"] = image_dim
+    dtype = t2v.patch_embedding.weight.dtype
+    i2v = WanDiT(**cfg, attn_backend=t2v.attn_backend).to(dtype)
+    state = i2v.state_dict()
+    for name, value in t2v.state_dict().items():
+        if name == "patch_embedding.weight":
+            state[name].zero_()[:, : cfg["out_channels"]] = value
+        else:
+            state[name].copy_(value)
+    for block in i2v.blocks:
+        if image_dim is not None:
+            block.cross_attn.add_v_proj.weight.zero_()
+            block.cross_attn.add_v_proj.bias.zero_()
+    return i2v.to(t2v.patch_embedding.weight.device)
