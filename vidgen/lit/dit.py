@@ -87,6 +87,7 @@ from vidgen.utils.config import checked_options
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard
 from vidgen.utils.logging import add_data_counts, log_video_grid
+from vidgen.utils.optim import build_optimizer, optim_options
 from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
 
 
@@ -196,7 +197,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
     size: WAN_PRESETS key (tiny | 1.3B | 14B) or None. dit: WanDiT kwargs (None = preset's).
     flow: timestep_mode, logit_mean, logit_std, shift, resolution_shift (bool) and its anchors
         base_tokens, base_shift, max_tokens, max_shift.
-    optim: lr, betas, weight_decay, warmup_steps, grad_clip. ema: {decay, warmup_steps} or None.
+    optim: lr, optimizer (a Hydra _partial_ spec, vidgen.utils.optim), warmup_steps, decay,
+    grad_clip. ema: {decay, warmup_steps} or None.
     init_from: an earlier stage's DiT (run folder, dit/ folder or .ckpt) to start from.
     vae_path: VAE for on-the-fly encoding (data=video) and for decoding validation samples.
     trust_checkpoint: load init_from / vae_path .ckpt files in full, not weights-only (they may
@@ -248,6 +250,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        self.optim_cfg = optim_options(optim)
         if require_init_from and not init_from:
             raise ValueError(
                 "this stage continues from the previous stage's DiT: set model.init_from=<run "
@@ -527,10 +530,9 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def configure_optimizers(self):
-        o = self.hparams.optim
+        o = self.optim_cfg
         params = [p for p in self.dit.parameters() if p.requires_grad]  # LoRA: the adapters only
-        opt = torch.optim.AdamW(params, lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))),
-                                weight_decay=o.get("weight_decay", 0.0))
+        opt = build_optimizer(o["optimizer"], params, o["lr"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, optim_lr_lambda(o, trainer_max_steps(self)))
         return [opt], [sched]
 
@@ -555,7 +557,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         self.manual_backward(loss)
         norm = self._grad_norm()
         if self.guard.check(norm, "loss", self.global_step):
-            clip = self.hparams.optim.get("grad_clip")
+            clip = self.optim_cfg["grad_clip"]
             if clip:
                 params = [p for p in self.dit.parameters() if p.grad is not None]
                 torch.nn.utils.clip_grads_with_norm_(params, clip, norm)

@@ -40,6 +40,7 @@ from vidgen.utils.distributed import average_grads_, broadcast_
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard, grads_finite_flag
 from vidgen.utils.logging import add_data_counts, log_video_grid
+from vidgen.utils.optim import build_optimizer, optim_options
 from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
 
 # model.loss: every key, with its default (configs/model/vae.yaml repeats them, as documentation).
@@ -80,7 +81,8 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
     """Train a `WanVAE` (stages 1-3).
 
     vae: `WanVAE` keyword arguments. loss: weights of `vae_loss` plus LPIPS settings.
-    optim: lr, betas, weight_decay, warmup_steps, grad_clip (and disc_lr for stage 3).
+    optim: lr, optimizer (a Hydra _partial_ spec), warmup_steps, decay, grad_clip; for stage 3
+        disc_lr and disc_optimizer (vidgen.utils.optim).
     init_from: earlier stage's VAE (folder, run folder or .ckpt); a 2D VAE is inflated
         into the 3D one, a same-shaped VAE is loaded as is. trust_checkpoint: load an
         init_from .ckpt in full, not weights-only (it may run code: README, Trust).
@@ -116,6 +118,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
             )
         if init_from:
             self._init_from(init_from)
+        self.optim_cfg = optim_options(optim)
         self.loss_cfg = lp = checked_options("model.loss", loss, LOSS_DEFAULTS)
         self.lpips = None
         if lp["lpips_weight"] > 0:
@@ -172,19 +175,15 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
-        o = self.hparams.optim
-        betas = tuple(o.get("betas", (0.9, 0.999)))
-        opt_g = torch.optim.AdamW(
-            self.vae.parameters(), lr=o["lr"], betas=betas, weight_decay=o.get("weight_decay", 0.0)
-        )
+        o = self.optim_cfg
+        opt_g = build_optimizer(o["optimizer"], self.vae.parameters(), o["lr"])
         factor = optim_lr_lambda(o, trainer_max_steps(self))
         sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)  # noqa: E731
         if self.disc is None:
             return [opt_g], [sched(opt_g)]
-        opt_d = torch.optim.AdamW(
-            self.disc.parameters(), lr=o.get("disc_lr", o["lr"]), betas=betas,
-            weight_decay=o.get("weight_decay", 0.0),
-        )
+        disc_lr = o["lr"] if o["disc_lr"] is None else o["disc_lr"]
+        opt_d = build_optimizer(o["disc_optimizer"] or o["optimizer"], self.disc.parameters(), disc_lr,
+                                "optim.disc_optimizer")
         return [opt_g, opt_d], [sched(opt_g), sched(opt_d)]
 
     def _step(self, opt, sched, loss: torch.Tensor, module: torch.nn.Module, name: str) -> bool:
@@ -199,7 +198,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         if not stepped:
             opt.zero_grad(set_to_none=True)
             return False
-        clip = self.hparams.optim.get("grad_clip")
+        clip = self.optim_cfg["grad_clip"]
         if clip:
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         if opt is self._disc_opt():
