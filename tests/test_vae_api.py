@@ -151,3 +151,25 @@ def test_attention_blocks_start_as_identity():
             x = torch.randn(2, block.proj.in_channels, 3, 4, 4)
             expected = x + block.proj.bias.view(1, -1, 1, 1, 1)
             torch.testing.assert_close(block(x), expected)
+
+
+def test_size_presets_build_the_vae_and_reload_from_a_checkpoint(tmp_path):
+    """model.size picks a VAE_PRESETS entry, model.vae values override it (null: the preset's),
+    and a .ckpt of such a run rebuilds the same VAE (load_vae reads hparams.size too)."""
+    from vidgen.lit.vae import VAEModule, load_vae
+    from vidgen.models.vae import VAE_PRESETS, build_wan_vae
+
+    assert build_wan_vae("wan2.1").config == WanVAE().config  # WanVAE's defaults are Wan2.1's
+    demo = build_wan_vae("demo", base_dim=8, num_res_blocks=None, temporal=False).config
+    assert demo == WanVAE(base_dim=8, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1,
+                          temporal_downsample=(True, True), temporal=False).config
+    assert VAE_PRESETS["demo"]["dim_mult"] == (1, 2, 2)  # 4x in space (the demo configs' size)
+    with pytest.raises(ValueError, match=r"unknown WanVAE size 'wan2.2'; valid: wan2.1, demo"):
+        build_wan_vae("wan2.2")
+    module = VAEModule(size="demo", vae=dict(base_dim=8, z_dim=4, temporal=True), loss=dict(lpips_weight=0.0),
+                       optim=dict(lr=1e-4))
+    ckpt = tmp_path / "run.ckpt"
+    torch.save(dict(hyper_parameters=dict(module.hparams), state_dict=module.state_dict()), ckpt)
+    loaded = load_vae(str(ckpt))
+    assert loaded.config == module.vae.config and loaded.config["dim_mult"] == [1, 2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.vae.state_dict().values()))

@@ -32,7 +32,7 @@ from vidgen.losses.gan import LeCam, adaptive_weight, gradient_penalty, hinge_d_
 from vidgen.losses.lpips import build_lpips
 from vidgen.losses.recon import vae_loss
 from vidgen.metrics.frames import psnr_per_frame
-from vidgen.models.vae import WanVAE, inflate_2d_to_3d
+from vidgen.models.vae import WanVAE, build_wan_vae, inflate_2d_to_3d
 from vidgen.models.vae.discriminator import Discriminator3D
 from vidgen.utils.checkpoint import find_export, read_module_state
 from vidgen.utils.config import checked_options
@@ -67,7 +67,7 @@ def load_vae(path: str | os.PathLike, prefer_ema: bool = True, trust: bool = Fal
     if path.is_dir():
         return WanVAE.from_pretrained(path)
     hp, state = read_module_state(path, "vae", prefer_ema, trust=trust)
-    vae = WanVAE(**dict(hp["vae"]))
+    vae = build_wan_vae(hp.get("size"), **dict(hp["vae"]))
     vae.load_state_dict(state)
     return vae
 
@@ -80,7 +80,8 @@ def _same(value):
 class VAEModule(ValidateWithEMA, L.LightningModule):
     """Train a `WanVAE` (stages 1-3).
 
-    vae: `WanVAE` keyword arguments. loss: weights of `vae_loss` plus LPIPS settings.
+    vae: `WanVAE` keyword arguments over the preset `size` (`VAE_PRESETS`; None: none); a None
+        value means the preset's. loss: weights of `vae_loss` plus LPIPS settings.
     optim: lr, optimizer (a Hydra _partial_ spec), warmup_steps, decay, grad_clip; for stage 3
         disc_lr and disc_optimizer (vidgen.utils.optim).
     init_from: earlier stage's VAE (folder, run folder or .ckpt); a 2D VAE is inflated
@@ -106,11 +107,12 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         val_grid_videos: int = 4,
         seed: int = 0,
         audit_data: bool = False,
+        size: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.vae = WanVAE(**dict(vae))
+        self.vae = build_wan_vae(size, **dict(vae))
         if require_init_from and not init_from:
             raise ValueError(
                 "this stage starts from the previous stage's VAE: set model.init_from=<run "

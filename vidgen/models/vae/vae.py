@@ -366,3 +366,24 @@ class WanVAE(nn.Module):
         model = cls(**config)
         model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
         return model.to(device=device, dtype=dtype)
+
+
+# Sizes of the VAE: every WanVAE setting but in_channels, temporal and the latent statistics.
+# "wan2.1" is the released Wan2.1 VAE (8x space, 4x time); "demo" the CPU demo's (4x space:
+# see configs/experiment/demo/vae_stage1.yaml).
+VAE_PRESETS = {
+    "wan2.1": {},  # WanVAE's defaults are the released model's
+    "demo": dict(base_dim=16, z_dim=16, dim_mult=(1, 2, 2), num_res_blocks=1, attn_scales=(),
+                 temporal_downsample=(True, True), dropout=0.0),
+}
+
+
+def build_wan_vae(size: str | None, **kwargs) -> WanVAE:
+    """``WanVAE`` from the preset ``size`` (None: none) with ``kwargs`` on top; a None value
+    means "the preset's" (or WanVAE's default). An unknown size is an error naming the sizes."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if size is None:
+        return WanVAE(**kwargs)
+    if size not in VAE_PRESETS:
+        raise ValueError(f"unknown WanVAE size {size!r}; valid: {', '.join(VAE_PRESETS)} (or null)")
+    return WanVAE(**{**VAE_PRESETS[size], **kwargs})
