@@ -116,7 +116,7 @@ def test_save_load_round_trip(tmp_path):
     model.set_latent_stats(torch.arange(4.0), torch.arange(1.0, 5.0))
     model.save_pretrained(tmp_path / "vae")
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
-    assert config == model.config and config["latents_std"] == [1.0, 2.0, 3.0, 4.0]
+    assert config == {"_class_name": "WanVAE", **model.config} and config["latents_std"] == [1.0, 2.0, 3.0, 4.0]
 
     loaded = WanVAE.from_pretrained(tmp_path / "vae").eval()
     assert loaded.config == model.config
@@ -173,3 +173,17 @@ def test_size_presets_build_the_vae_and_reload_from_a_checkpoint(tmp_path):
     loaded = load_vae(str(ckpt))
     assert loaded.config == module.vae.config and loaded.config["dim_mult"] == [1, 2, 2]
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), module.vae.state_dict().values()))
+
+
+def test_exported_folders_name_their_class(tmp_path):
+    """One folder format for every model (vidgen/models/export.py): a VAE folder is no DiT."""
+    from vidgen.models.dit.model import WanDiT, wan_tiny
+
+    WanVAE(**TINY).save_pretrained(tmp_path / "vae")
+    wan_tiny().save_pretrained(tmp_path / "dit")
+    with pytest.raises(ValueError, match=r"describes a 'WanVAE', not a 'WanDiT'"):
+        WanDiT.from_pretrained(tmp_path / "vae")
+    with pytest.raises(ValueError, match=r"describes a 'WanDiT', not a 'WanVAE'"):
+        WanVAE.from_pretrained(tmp_path / "dit")
+    half = WanVAE.from_pretrained(tmp_path / "vae", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.state_dict().values()} == {torch.bfloat16}

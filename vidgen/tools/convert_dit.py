@@ -37,8 +37,9 @@ import warnings
 
 import torch
 
-from vidgen.models.dit.model import CONFIG_NAME, WEIGHTS_NAME, WanDiT, expand_t2v
+from vidgen.models.dit.model import WanDiT, expand_t2v
 from vidgen.models.dit.names import from_diffusers_name, to_diffusers_name
+from vidgen.models.export import CONFIG_NAME, WEIGHTS_NAME
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = DIFFUSERS_WEIGHTS + ".index.json"

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vidgen.models.vae.vae import CONFIG_NAME, WEIGHTS_NAME, WanVAE
+from vidgen.models.export import CONFIG_NAME, WEIGHTS_NAME
+from vidgen.models.vae.vae import WanVAE
 
 DIFFUSERS_CLASS = "AutoencoderKLWan"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vidgen.models.export import CONFIG_NAME, WEIGHTS_NAME
 from vidgen.models.vae import WanVAE
 from vidgen.models.vae.stats import vae_folder
-from vidgen.models.vae.vae import CONFIG_NAME, WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 STATS_NAME = "latent_stats.json"

@@ -31,11 +31,11 @@ embedding sees ``1000 * t``, the convention Wan and diffusers were trained with.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -51,12 +51,12 @@ from vidgen.data.packing import (
     patchify,
     unpatchify,
 )
+from vidgen.models.export import load_model, save_model
 
 from .attention import BACKENDS, attention
 from .context_parallel import ContextParallel, SequenceShard
 
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] -> Wan's [0, 1000] timestep embedding input
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -639,45 +639,18 @@ class WanDiT(nn.Module):
 
     # ---- checkpoints ----
 
-    def save_pretrained(self, path: str | os.PathLike):
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write ``path/config.json`` (constructor kwargs) and ``path/model.safetensors``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump({"_class_name": type(self).__name__, **self.config}, f, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(path, WEIGHTS_NAME))
+        return save_model(self, path)
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu", **overrides
-    ):
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", **overrides) -> WanDiT:
         """Load a ``save_pretrained`` directory (weights kept in their stored dtype unless ``dtype``).
 
         ``overrides`` replace config values that do not change weight shapes (e.g. attn_backend).
         """
-        from safetensors.torch import load_file
-
-        config_path = os.path.join(path, CONFIG_NAME)
-        weights_path = os.path.join(path, WEIGHTS_NAME)
-        for p in (config_path, weights_path):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(
-                    f"{p} not found: expected a WanDiT.save_pretrained directory"
-                )
-        with open(config_path) as f:
-            config = json.load(f)
-        name = config.pop("_class_name", cls.__name__)
-        if name != cls.__name__:
-            raise ValueError(f"{config_path} describes a {name!r}, not a {cls.__name__!r}")
-        with torch.device("meta"):  # no random init of billions of weights we overwrite anyway
-            model = cls(**{**config, **overrides})
-        state = load_file(weights_path, device=str(device))
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model
+        return load_model(cls, path, dtype=dtype, device=device, **overrides)
 
 
 # --------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from vidgen.models.vae.vae import CONFIG_NAME, WanVAE
+from vidgen.models.export import CONFIG_NAME
+from vidgen.models.vae.vae import WanVAE
 
 
 def vae_folder(ckpt: str | os.PathLike) -> Path | None:

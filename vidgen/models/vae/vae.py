@@ -20,17 +20,14 @@ decoder.*), plus two buffers `latents_mean` / `latents_std` that diffusers keeps
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from vidgen.models.export import load_model, save_model
 from vidgen.models.vae.layers import CausalConv3d, Decoder, Encoder
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class WanVAE(nn.Module):
@@ -336,36 +333,13 @@ class WanVAE(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `config.json` and `model.safetensors` (weights + latent stats) to directory."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        return directory
+        return save_model(self, directory)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | Path,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-    ) -> WanVAE:
+    def from_pretrained(cls, directory: str | Path, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> WanVAE:
         """Load what save_pretrained wrote (strict: every key must match)."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / n).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{directory} is not a saved WanVAE: missing {', '.join(missing)} "
-                f"(expected {CONFIG_NAME} and {WEIGHTS_NAME} written by WanVAE.save_pretrained)"
-            )
-        config = json.loads((directory / CONFIG_NAME).read_text())
-        model = cls(**config)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
-        return model.to(device=device, dtype=dtype)
+        return load_model(cls, directory, dtype=dtype, device=device, meta_init=False)
 
 
 # Sizes of the VAE: every WanVAE setting but in_channels, temporal and the latent statistics.
