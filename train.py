@@ -15,15 +15,13 @@ See README.md for the stages and data format; `python train.py --help` lists the
 import hydra
 from omegaconf import DictConfig
 
-from vidgen.utils.rundir import register_resolvers
+from vidgen.run import register_configs, train
 
-register_resolvers()
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from vidgen.run import train
-
     train(cfg)
 
 

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from vidgen.utils.rundir import register_resolvers
+from vidgen.run import register_configs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(
@@ -20,7 +20,7 @@ EXPERIMENTS = sorted(
 
 
 def _compose(overrides):
-    register_resolvers()
+    register_configs()
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
 
@@ -180,23 +180,70 @@ def test_slurm_launcher_config():
     assert cfg.hydra.launcher.nodes == 4 and cfg.hydra.launcher.tasks_per_node == 8
 
 
-def test_the_model_yaml_files_repeat_the_modules_defaults_exactly():
-    """configs/model/{vae,dit}.yaml spell out the defaults of the modules' option dicts
-    (documentation); the modules hold them (LOSS_DEFAULTS, FLOW_DEFAULTS, ...). They agree."""
-    from vidgen.lit.dit import FLOW_DEFAULTS, FSDP_DEFAULTS, VAL_DEFAULTS
-    from vidgen.lit.vae import LOSS_DEFAULTS
-
-    vae, dit = (OmegaConf.load(CONFIGS / "model" / f"{m}.yaml") for m in ("vae", "dit"))
-    for cfg, key, defaults in ((vae, "loss", LOSS_DEFAULTS), (dit, "flow", FLOW_DEFAULTS),
-                               (dit, "val", VAL_DEFAULTS), (dit, "fsdp", FSDP_DEFAULTS)):
-        assert OmegaConf.to_container(cfg[key]) == defaults, key
+# the typed blocks (schema/*) and where the composed config puts them
+TYPED_BLOCKS = {"model.flow": "flow", "model.val": "dit_val", "model.fsdp": "fsdp", "model.loss": "vae_loss",
+                "model.gan": "gan", "model.lora": "lora", "optim": "optim"}
 
 
-def test_the_lora_experiment_spells_out_the_lora_defaults():
-    from vidgen.models.dit.lora import LORA_DEFAULTS
+def test_typed_blocks_hold_their_defaults_once_and_compose_in_full():
+    """Each typed block's defaults are its dataclass's alone: the model YAML files do not spell
+    them out, yet the composed config (what --cfg job prints) holds every key of the block."""
+    from dataclasses import fields
 
-    lora = OmegaConf.load(CONFIGS / "experiment" / "dit" / "lora.yaml").model.lora
-    assert OmegaConf.to_container(lora) == LORA_DEFAULTS
+    from vidgen.run import SCHEMAS
+
+    for name in ("dit", "vae"):
+        raw = OmegaConf.load(CONFIGS / "model" / f"{name}.yaml")
+        assert not {"flow", "val", "fsdp", "loss"} & set(raw), name
+    seen = set()
+    for experiment in EXPERIMENTS:
+        cfg = _resolved([f"experiment={experiment}"])
+        for path, schema in TYPED_BLOCKS.items():
+            block = OmegaConf.select(cfg, path)
+            if block is None:
+                continue
+            seen.add(path)
+            assert set(block) == {f.name for f in fields(SCHEMAS[schema])}, (experiment, path)
+    assert seen == set(TYPED_BLOCKS)
+
+
+def test_the_lora_experiment_trains_the_lora_defaults():
+    from dataclasses import asdict
+
+    from vidgen.models.dit.lora import LoraOptions
+
+    lora = _resolved(["experiment=dit/lora"]).model.lora
+    assert OmegaConf.to_container(lora) == asdict(LoraOptions())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.flow.shfit=2", "Key 'shfit' not in 'FlowOptions'"),
+    ("model.flow.resolution_shift=maybe", "is not a valid bool"),
+    ("model.val.steps=2.5", "could not be converted to Integer"),
+    ("optim.lr=fast", "could not be converted to Float"),
+])
+def test_a_misspelt_or_mistyped_override_fails_at_compose_naming_it(override, message):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose(["experiment=dit/stage1", override])
+    text = f"{info.value} {info.value.__cause__}"
+    assert override.split("=")[0] in text and message in text, text
+
+
+def test_a_mistyped_value_given_to_a_module_is_an_error_naming_the_key():
+    """Built without Hydra (a notebook), the same dataclasses check the dicts."""
+    from vidgen.lit.dit import DiTModule
+
+    tiny = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=1, freq_dim=16, text_dim=8)
+    with pytest.raises(ValueError, match=r"model.flow.logit_std='wide': .*could not be converted to Float"):
+        DiTModule(dit=tiny, flow=dict(logit_std="wide"), optim=dict(lr=1e-4), size="tiny")
+    with pytest.raises(ValueError, match=r"model.val.timesteps\[1\]=.*could not be converted to Float"):
+        DiTModule(dit=tiny, flow={}, val=dict(timesteps=[0.5, "late"]), optim=dict(lr=1e-4), size="tiny")
+    with pytest.raises(ValueError, match=r"model.fsdp.param_dtype='bf16'; valid: null, float32"):
+        DiTModule(dit=tiny, flow={}, fsdp=dict(param_dtype="bf16"), optim=dict(lr=1e-4), size="tiny")
+    m = DiTModule(dit=tiny, flow=dict(shift=3), optim=dict(lr=1), size="tiny")  # ints where floats go
+    assert m.flow.shift == 3.0 and isinstance(m.flow.shift, float) and m.optim_cfg.lr == 1.0
 
 
 def test_a_misspelt_vae_loss_key_is_an_error_naming_the_valid_ones():

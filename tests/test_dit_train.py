@@ -12,11 +12,10 @@ from hydra.utils import instantiate
 from test_latents import _one_thread, cached_text_encoder, compose_tool, encode, make_tiny_vae  # noqa: F401, I001
 
 from vidgen.data.latents import EMPTY_NAME, INFO_NAME, encode_sample
-from vidgen.lit.dit import load_dit
+from vidgen.models.dit import load_dit
 from vidgen.models.vae import WanVAE
-from vidgen.run import train
+from vidgen.run import register_configs, train
 from vidgen.utils.checkpoint import load_checkpoint_file
-from vidgen.utils.rundir import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIT = ["model.dit.dim=32", "model.dit.ffn_dim=64", "model.dit.num_heads=2",
@@ -76,7 +75,7 @@ def i2v_setup(setup, synthetic_data):
 
 
 def _cfg(run_dir, setup, experiment="demo/dit_stage1", *extra):
-    register_resolvers()
+    register_configs()
     overrides = [
         f"experiment={experiment}", f"paths.run_dir={run_dir}",
         f"data.train.shards={setup}/train", f"data.val.shards={setup}/val",
@@ -192,7 +191,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, setup):
 
 def _video_cfg(run_dir, setup, data, *extra):
     """model=dit on raw video shards: the module encodes each batch with the frozen VAE."""
-    register_resolvers()
+    register_configs()
     overrides = [
         "model=dit", "data=video", f"paths.run_dir={run_dir}", f"model.vae_path={setup}/vae",
         f"data.train.shards={data}/train", f"data.val.shards={data}/val", "data.train.num_frames=9",

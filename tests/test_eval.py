@@ -17,7 +17,7 @@ from vidgen.data.synthetic import make_synthetic_dataset
 from vidgen.evaluate import _loader, evaluate
 from vidgen.metrics.frames import MSE_FLOOR
 from vidgen.models.vae import WanVAE
-from vidgen.utils.rundir import register_resolvers
+from vidgen.run import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
 
 
 def _cfg(tmp, *extra):
-    register_resolvers()
+    register_configs()
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         return compose("eval", overrides=[
             f"ckpt={tmp / 'vae'}", f"data.shards={tmp / 'data' / 'val'}", f"out={tmp / 'report'}",
@@ -153,7 +153,7 @@ def test_eval_cli_psnr_ssim_only(setup, tmp_path):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert set(report["metrics"]) == {"psnr", "ssim", "psnr_worst_frame", "psnr_worst_frame_index"}
     # the same clips and reconstructions here, scored by scikit-image
-    from vidgen.lit.vae import load_vae
+    from vidgen.models.vae import load_vae
 
     vae = load_vae(setup / "vae").eval()
     real, recon = [], []

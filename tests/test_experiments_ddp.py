@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from test_dit_train import TINY_DIT, i2v_setup, setup  # noqa: F401  (the latents fixtures)
 
 from vidgen.models.vae import WanVAE
-from vidgen.utils.rundir import register_resolvers
+from vidgen.run import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAE = dict(base_dim=8, z_dim=4, num_res_blocks=1)
@@ -134,7 +134,7 @@ def _dit_overrides(setup):  # noqa: F811
 @pytest.fixture(scope="module")
 def dit_inits(tmp_path_factory, setup):  # noqa: F811
     """A stage-1 DiT export per family (demo / full recipe) with the tiny overrides."""
-    register_resolvers()
+    register_configs()
     root = tmp_path_factory.mktemp("dit_inits")
     out = {}
     for family, stage1 in (("demo", "demo/dit_stage1"), ("wan", "dit/stage1")):

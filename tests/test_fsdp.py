@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_latents import _one_thread, cached_text_encoder, encode, make_tiny_vae  # noqa: F401, I001
 
-from vidgen.lit.dit import load_dit
+from vidgen.models.dit import load_dit
 from vidgen.utils.checkpoint import load_checkpoint_file
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from vidgen.data.latents import INFO_NAME, LatentDataModule, decode_sample
 from vidgen.data.pipeline import build_video_dataset
 from vidgen.i2v import encode_condition_latent
 from vidgen.image_encoder import build_image_encoder
-from vidgen.lit.dit import load_dit
+from vidgen.models.dit import load_dit
 from vidgen.models.vae import WanVAE
 from vidgen.run import train
 

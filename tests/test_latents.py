@@ -21,8 +21,8 @@ from vidgen.data.latents import (
 from vidgen.data.pipeline import build_video_dataset
 from vidgen.models.dit import PackedBatch
 from vidgen.models.vae import WanVAE
+from vidgen.run import register_configs
 from vidgen.tools import encode_latents, latent_stats
-from vidgen.utils.rundir import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
@@ -37,7 +37,7 @@ def make_tiny_vae(path, seed=0) -> Path:
 
 
 def compose_tool(name, overrides):
-    register_resolvers()
+    register_configs()
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         return compose(name, overrides=overrides)
 

@@ -14,8 +14,7 @@ from test_dit_train import _cfg, setup  # noqa: F401  (the tiny latents fixture)
 from test_latents import cached_text_encoder
 
 from vidgen.data.video import decode_frames
-from vidgen.lit.dit import load_dit
-from vidgen.models.dit import WanDiT
+from vidgen.models.dit import WanDiT, load_dit
 from vidgen.models.dit.lora import (
     DIFFUSERS_FILE,
     INFO_FILE,

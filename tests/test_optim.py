@@ -36,7 +36,7 @@ def test_optim_choices_build_the_generator_and_discriminator_optimizers(choice, 
 def test_the_optimizer_is_any_class_from_the_command_line():
     optim = _optim("optim.optimizer._target_=torch.optim.SGD", "~optim.optimizer.betas", "~optim.optimizer.eps",
                    "+optim.optimizer.momentum=0.9", "optim.optimizer.weight_decay=0.1")
-    opt = build_optimizer(optim_options(optim)["optimizer"], [torch.nn.Parameter(torch.zeros(2))], 0.5)
+    opt = build_optimizer(optim_options(optim).optimizer, [torch.nn.Parameter(torch.zeros(2))], 0.5)
     assert type(opt) is torch.optim.SGD
     assert (opt.defaults["lr"], opt.defaults["momentum"], opt.defaults["weight_decay"]) == (0.5, 0.9, 0.1)
     dit = DiTModule(dit=dict(wan_tiny().config), flow={}, optim=optim)

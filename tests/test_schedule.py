@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from vidgen.utils.optim import optim_options
 from vidgen.utils.schedule import lr_lambda, optim_lr_lambda, trainer_max_steps
 
 
@@ -26,7 +27,7 @@ def test_cosine_and_linear_decay():
 
 
 def test_decay_defaults_to_max_steps_and_drives_lambda_lr():
-    f = optim_lr_lambda({"lr": 1.0, "warmup_steps": 0, "decay": "linear"}, max_steps=4)
+    f = optim_lr_lambda(optim_options({"lr": 1.0, "warmup_steps": 0, "decay": "linear"}), max_steps=4)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
     lrs = []

@@ -10,9 +10,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from vidgen.run import train
+from vidgen.run import register_configs, train
 from vidgen.utils.checkpoint import load_checkpoint_file
-from vidgen.utils.rundir import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 # the demo layout (4x spatial, 4x temporal) at a smaller width
@@ -20,7 +19,7 @@ TINY_VAE = ["model.vae.base_dim=8", "model.vae.z_dim=4", "model.vae.num_res_bloc
 
 
 def _cfg(tmp, data, experiment, *extra):
-    register_resolvers()
+    register_configs()
     overrides = [
         f"experiment={experiment}",
         f"paths.run_dir={tmp}",

@@ -156,8 +156,8 @@ def test_attention_blocks_start_as_identity():
 def test_size_presets_build_the_vae_and_reload_from_a_checkpoint(tmp_path):
     """model.size picks a VAE_PRESETS entry, model.vae values override it (null: the preset's),
     and a .ckpt of such a run rebuilds the same VAE (load_vae reads hparams.size too)."""
-    from vidgen.lit.vae import VAEModule, load_vae
-    from vidgen.models.vae import VAE_PRESETS, build_wan_vae
+    from vidgen.lit.vae import VAEModule
+    from vidgen.models.vae import VAE_PRESETS, build_wan_vae, load_vae
 
     assert build_wan_vae("wan2.1").config == WanVAE().config  # WanVAE's defaults are Wan2.1's
     demo = build_wan_vae("demo", base_dim=8, num_res_blocks=None, temporal=False).config

@@ -12,8 +12,7 @@ from test_dit_train import _rows, _series
 
 from vidgen.lit.vae import VAEModule
 from vidgen.models.vae import WanVAE
-from vidgen.run import train
-from vidgen.utils.rundir import register_resolvers
+from vidgen.run import register_configs, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(base_dim=8, z_dim=4, num_res_blocks=1, dim_mult=[1, 2, 2])
@@ -24,7 +23,7 @@ STAGES = {"demo/vae_stage1": [], "demo/vae_stage2": ["model.require_init_from=fa
 
 
 def _cfg(run_dir, data, experiment, *extra):
-    register_resolvers()
+    register_configs()
     overrides = [
         f"experiment={experiment}", f"paths.run_dir={run_dir}",
         f"data.train.shards={data}/train", f"data.val.shards={data}/val",

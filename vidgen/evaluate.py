@@ -104,7 +104,7 @@ def _compute_fvd(fvd: FVD, metrics: dict, missing: dict) -> dict:
 @torch.no_grad()
 def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     """Reconstruct held-out clips through the VAE (chunked causal path) and score them."""
-    from vidgen.lit.vae import load_vae
+    from vidgen.models.vae import load_vae
 
     vae = load_vae(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
     vae.check_frames(cfg.data.num_frames)
@@ -183,8 +183,8 @@ def eval_dit(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     """Generate a video for each reference clip's caption (``task=dit_i2v``: and its first
     frame) and report FVD against the clips, caption accuracy, and for I2V PSNR / SSIM of
     frame 0 and over time against the reference."""
-    from vidgen.lit.dit import load_dit
-    from vidgen.lit.vae import load_vae
+    from vidgen.models.dit import load_dit
+    from vidgen.models.vae import load_vae
     from vidgen.sample import check_decoding_vae, generate, read_pipeline
     from vidgen.text import build_text_encoder
 

@@ -12,17 +12,39 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from vidgen.diffusion import FlowOptions
+from vidgen.lit.dit import ValOptions
+from vidgen.lit.vae import GanOptions, LossOptions
+from vidgen.models.dit.lora import LoraOptions
+from vidgen.models.dit.parallelize import FsdpOptions
 from vidgen.utils.checkpoint import AtomicCheckpointIO, load_checkpoint_file, resolve_ckpt_path
+from vidgen.utils.optim import OptimOptions
+from vidgen.utils.rundir import register_resolvers
 
 log = logging.getLogger(__name__)
+
+# The typed settings (vidgen/utils/config.py), as configs/ names them: schema/<name>, which the
+# model and optim YAMLs (and the experiments that switch on LoRA or the GAN) take as defaults.
+SCHEMAS = {"flow": FlowOptions, "dit_val": ValOptions, "fsdp": FsdpOptions, "lora": LoraOptions,
+           "vae_loss": LossOptions, "gan": GanOptions, "optim": OptimOptions}
 
 # Lightning suggests keeping pre-step weights for manual optimisation (the VAE); our
 # checkpoints are meant to hold the post-step state that resume continues from.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+def register_configs() -> None:
+    """Everything configs/ needs before Hydra composes it: the ``${run_id:}`` resolver and the
+    ``schema/*`` structured configs. Idempotent; train.py and the config tests call it."""
+    register_resolvers()
+    store = ConfigStore.instance()
+    for name, cls in SCHEMAS.items():
+        store.store(group="schema", name=name, node=cls)
 
 
 def _instantiate_group(group: DictConfig | None) -> list:

@@ -233,8 +233,8 @@ def check_decoding_vae(
 def run(cfg) -> list[str]:
     """The CLI body (cfg: the composed ``configs/sample.yaml``); returns the mp4 paths written."""
     from vidgen.data.video import write_mp4
-    from vidgen.lit.dit import load_dit
-    from vidgen.lit.vae import load_vae
+    from vidgen.models.dit import load_dit
+    from vidgen.models.vae import load_vae
     from vidgen.text import build_text_encoder
 
     pipeline = read_pipeline(cfg.ckpt, trust=cfg.trust_checkpoint)

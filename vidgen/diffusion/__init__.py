@@ -1,6 +1,7 @@
 """Rectified flow objective and samplers."""
 
 from .flow import (
+    FlowOptions,
     flow_loss,
     interpolate,
     resolution_shift,
@@ -21,6 +22,7 @@ from .sampling import (
 )
 
 __all__ = [
+    "FlowOptions",
     "SAMPLERS",
     "SOLVERS",
     "cfg_model_fn",

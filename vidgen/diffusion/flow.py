@@ -16,11 +16,55 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 TIMESTEP_MODES = ("logit_normal", "uniform")
+
+
+@dataclass
+class FlowOptions:
+    """``model.flow``: how training draws t, and the shift sampling uses to match it.
+
+    The shift anchors say that a sample of ``base_tokens`` patch tokens takes ``base_shift``
+    and one of ``max_tokens`` takes ``max_shift`` (``resolution_shift``): 1.0 for a 256-token
+    image (256x256 px through an 8x VAE and 2x2 patches), 5.0 (Wan's sampling shift) for an
+    81-frame 480x832 clip (21 x 30 x 52 = 32760 tokens).
+    """
+
+    timestep_mode: str = "logit_normal"  # logit_normal | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0                   # the constant shift, used when resolution_shift is false
+    resolution_shift: bool = True        # per-sample shift from its token count (SD3 5.3.2)
+    base_tokens: int = 256
+    base_shift: float = 1.0
+    max_tokens: int = 32760
+    max_shift: float = 5.0
+
+    def __post_init__(self):
+        if self.timestep_mode not in TIMESTEP_MODES:
+            raise ValueError(f"model.flow.timestep_mode={self.timestep_mode!r}; valid: {', '.join(TIMESTEP_MODES)}")
+        if self.shift <= 0:
+            raise ValueError(f"model.flow.shift={self.shift}; it must be > 0")
+        _check_anchors(self.base_tokens, self.base_shift, self.max_tokens, self.max_shift)
+
+    def shifts(self, num_tokens: int | Sequence[int] | Tensor) -> Tensor:
+        """The shift of samples of ``num_tokens`` tokens: per size, or the constant one."""
+        if self.resolution_shift:
+            return resolution_shift(num_tokens, self.base_tokens, self.base_shift, self.max_tokens,
+                                    self.max_shift)
+        return torch.full_like(torch.as_tensor(num_tokens, dtype=torch.float32), self.shift)
+
+
+def _check_anchors(base_tokens: int, base_shift: float, max_tokens: int, max_shift: float) -> None:
+    if not (0 < base_tokens < max_tokens) or base_shift <= 0 or max_shift <= 0:
+        raise ValueError(
+            f"need 0 < base_tokens < max_tokens and positive shifts, got base_tokens={base_tokens}, "
+            f"max_tokens={max_tokens}, base_shift={base_shift}, max_shift={max_shift}"
+        )
 
 
 def _expand_like(t: Tensor, x: Tensor) -> Tensor:
@@ -58,28 +102,22 @@ def shift_timesteps(t: Tensor, shift: float | Tensor) -> Tensor:
 
 def resolution_shift(
     num_tokens: int | Sequence[int] | Tensor,
-    base_tokens: int = 256,
-    base_shift: float = 1.0,
-    max_tokens: int = 32760,
-    max_shift: float = 5.0,
+    base_tokens: int = FlowOptions.base_tokens,
+    base_shift: float = FlowOptions.base_shift,
+    max_tokens: int = FlowOptions.max_tokens,
+    max_shift: float = FlowOptions.max_shift,
 ) -> Tensor:
     """Timestep shift for samples of ``num_tokens`` patch tokens.
 
     log(shift) is interpolated linearly in log(num_tokens) between the anchors
     (base_tokens, base_shift) and (max_tokens, max_shift), and clamped to them so that
     very long clips do not get an unbounded shift. SD3's rule shift = sqrt(m / n) is the
-    same power law with exponent 1/2. Defaults: 1.0 for a 256-token image (256x256 px
-    through an 8x VAE and 2x2 patches), 5.0 (Wan's sampling shift) for an 81-frame 480x832
-    clip (21 x 30 x 52 = 32760 tokens).
+    same power law with exponent 1/2. The default anchors are ``FlowOptions``'.
 
     Returns:
         [S] float32 shifts (0-d for a scalar input).
     """
-    if not (0 < base_tokens < max_tokens) or base_shift <= 0 or max_shift <= 0:
-        raise ValueError(
-            f"need 0 < base_tokens < max_tokens and positive shifts, got base_tokens={base_tokens}, "
-            f"max_tokens={max_tokens}, base_shift={base_shift}, max_shift={max_shift}"
-        )
+    _check_anchors(base_tokens, base_shift, max_tokens, max_shift)
     n = torch.as_tensor(num_tokens, dtype=torch.float32)
     if bool((n <= 0).any()):
         raise ValueError(f"num_tokens must be positive, got {n.tolist()}")

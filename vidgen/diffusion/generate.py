@@ -8,12 +8,12 @@ to reproduce training: the flow settings, the VAE, the text encoder, the latent 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from vidgen.diffusion.flow import resolution_shift
+from vidgen.diffusion.flow import FlowOptions
 from vidgen.diffusion.sampling import (
     SAMPLERS,
     SOLVERS,
@@ -22,6 +22,7 @@ from vidgen.diffusion.sampling import (
     sample_unipc,
     timesteps_schedule,
 )
+from vidgen.utils.config import typed_options
 
 PIPELINE_NAME = "pipeline.json"
 
@@ -37,13 +38,18 @@ def pad_texts(texts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return context, mask
 
 
-def sampling_shift(flow: dict | None, num_tokens: int) -> float:
-    """The schedule shift matching training: the per-size resolution shift, else the constant one."""
-    flow = flow or {}
-    if flow.get("resolution_shift"):  # anchors a pipeline.json lacks: resolution_shift's defaults
-        anchors = {k: flow[k] for k in ("base_tokens", "base_shift", "max_tokens", "max_shift") if k in flow}
-        return float(resolution_shift(num_tokens, **anchors))
-    return float(flow.get("shift", 1.0))
+def sampling_shift(flow: FlowOptions | Mapping | None, num_tokens: int) -> float:
+    """The schedule shift matching training: the per-size resolution shift, else the constant one.
+
+    flow: the training run's ``FlowOptions`` or a pipeline.json's ``flow`` dict, where a missing
+    ``resolution_shift`` means off (exports written before it existed) and missing anchors are
+    ``FlowOptions``' defaults.
+    """
+    if flow is None:
+        return 1.0
+    if isinstance(flow, Mapping):
+        flow = typed_options("pipeline.json flow", {"resolution_shift": False, **flow}, FlowOptions)
+    return float(flow.shifts(num_tokens))
 
 
 @torch.no_grad()

@@ -41,8 +41,9 @@ the given frame's latent, which the model reads from ``cond``, so it is easy but
 first frame's prediction consistent with the rest of the clip at every t (as Wan trains).
 
 FSDP2: under Lightning's ``ModelParallelStrategy`` (``trainer=fsdp2``) ``configure_model`` shards
-every block, then the root, over all ranks (``fully_shard``); EMA shadows are sharded like
-the parameters and gathered one tensor at a time for checkpoints and the export.
+every block, then the root, over all ranks (``apply_fsdp``, vidgen/models/dit/parallelize.py);
+EMA shadows are sharded like the parameters and gathered one tensor at a time for checkpoints
+and the export (``gather_full``).
 
 Context parallelism (``context_parallel=N``, one top-level key that sets model.context_parallel
 and data.context_parallel): the ranks form a ("dp", "cp") DeviceMesh; each group of N neighbouring
@@ -59,7 +60,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,79 +71,33 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from vidgen.data.packing import PackedBatch
 from vidgen.data.streams import check_context_parallel
-from vidgen.diffusion import (
-    SOLVERS,
-    interpolate,
-    resolution_shift,
-    sample_timesteps,
-    token_flow_loss,
-)
-from vidgen.diffusion.flow import TIMESTEP_MODES
+from vidgen.diffusion import SOLVERS, FlowOptions, interpolate, sample_timesteps, token_flow_loss
 from vidgen.diffusion.generate import PIPELINE_NAME, generate_latents, sampling_shift
-from vidgen.models.dit import WanDiT, build_wan_dit, expand_t2v, pack_samples, packing_efficiency
+from vidgen.models.dit import (
+    WanDiT,
+    build_wan_dit,
+    init_weights_from,
+    pack_samples,
+    packing_efficiency,
+)
 from vidgen.models.dit.context_parallel import ContextParallel, check_heads, context_parallel_group
-from vidgen.models.dit.lora import LORA_DEFAULTS, add_lora, export_lora, lora_tensors
-from vidgen.utils.checkpoint import find_export, read_module_state
-from vidgen.utils.config import checked_options
+from vidgen.models.dit.lora import LoraOptions, add_lora, export_lora, lora_tensors
+from vidgen.models.dit.parallelize import (
+    FsdpOptions,
+    apply_fsdp,
+    compile_blocks,
+    distribute_like,
+    full_state_dict,
+    gather_full,
+    is_dtensor,
+)
+from vidgen.models.vae import load_vae
+from vidgen.utils.config import as_dict, typed_options
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard
 from vidgen.utils.logging import add_data_counts, log_video_grid
 from vidgen.utils.optim import build_optimizer, optim_options
 from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
-
-
-def build_dit(size: str | None, dit: dict) -> WanDiT:
-    """A WanDiT from a preset (``size``) plus keyword overrides; None values mean "preset's"."""
-    kwargs = {k: v for k, v in dict(dit).items() if v is not None}
-    return build_wan_dit(size, **kwargs) if size else WanDiT(**kwargs)
-
-
-def init_weights_from(dit: WanDiT, init_from: str, trust: bool = False) -> None:
-    """Load an earlier stage's DiT into ``dit``: the same config, or a text-to-video DiT that
-    ``dit`` (image-to-video, otherwise the same) expands (``vidgen.models.dit.expand_t2v``)."""
-    src = load_dit(init_from, trust=trust)
-    ours = dict(dit.config)
-    if src.config != ours and src.cond_channels == 0 and dit.cond_channels > 0:
-        src = expand_t2v(src, cond_channels=dit.cond_channels, image_dim=dit.image_dim)
-    if src.config != ours:
-        diff = {k: (src.config.get(k), ours.get(k)) for k in {*src.config, *ours}
-                if ours.get(k) != src.config.get(k)}
-        fix = ", ".join(f"model.dit.{k}={v[0]}" for k, v in sorted(diff.items()))
-        raise ValueError(f"init_from={init_from}: its DiT differs from this model's config as "
-                         f"(theirs, ours): {diff}; to start from it set {fix}")
-    dit.load_state_dict(src.state_dict())
-
-
-def load_dit(path: str | os.PathLike, prefer_ema: bool = True, trust: bool = False,
-             lora: str | os.PathLike | None = None, lora_scale: float = 1.0) -> WanDiT:
-    """A DiT from a ``save_pretrained`` folder, a run folder (its ``dit/``) or a Lightning ``.ckpt``
-    (weights-only unless ``trust``: see ``vidgen.utils.checkpoint.load_checkpoint_file``), with
-    the LoRA ``lora`` (a LoRA run's ``lora/`` folder or a LoRA file, any key format) merged in at
-    ``lora_scale``."""
-    model = _load_base_dit(path, prefer_ema, trust)
-    if lora:
-        from vidgen.models.dit.lora import merge_lora, read_lora
-
-        merge_lora(model, read_lora(lora), lora_scale)
-    return model
-
-
-def _load_base_dit(path: str | os.PathLike, prefer_ema: bool, trust: bool) -> WanDiT:
-    given = Path(path)
-    if given.is_dir() and (given / "lora").is_dir() and not (given / "dit").is_dir():
-        raise ValueError(f"{given} is a LoRA run: it exported adapters (lora/), not a DiT. Sample the "
-                         f"base with them: ckpt=<its base> lora={given / 'lora'}")
-    path = find_export(path, "dit")
-    if path.is_dir():
-        return WanDiT.from_pretrained(path)
-    hp, state = read_module_state(path, "dit", prefer_ema, trust=trust)
-    if hp.get("lora"):
-        raise ValueError(f"{path} is a LoRA run's checkpoint: it holds the adapters, not the base. Sample "
-                         f"its export instead: ckpt={hp.get('init_from')} lora=<its run>/lora")
-    with torch.device("meta"):  # the state dict supplies every tensor: skip random init
-        model = build_dit(hp.get("size"), hp["dit"])
-    model.load_state_dict(state, assign=True)
-    return model
 
 
 def packed_flow_loss(dit: WanDiT, noisy: PackedBatch, x0: torch.Tensor, eps: torch.Tensor,
@@ -160,43 +115,28 @@ def packed_flow_loss(dit: WanDiT, noisy: PackedBatch, x0: torch.Tensor, eps: tor
     return shard.sum(token_flow_loss(pred, shard.split(x0), shard.split(eps), shard.split(weight)))
 
 
-FLOW_DEFAULTS = dict(timestep_mode="logit_normal", logit_mean=0.0, logit_std=1.0, shift=1.0,
-                     resolution_shift=True, base_tokens=256, base_shift=1.0, max_tokens=32760,
-                     max_shift=5.0)
-VAL_DEFAULTS = dict(num_samples=2, steps=20, solver="euler", cfg_scale=5.0,
-                    timesteps=[0.1, 0.3, 0.5, 0.7, 0.9])
-FSDP_DEFAULTS = dict(param_dtype=None, reduce_dtype=None, reshard_after_forward=True)
+@dataclass
+class ValOptions:
+    """``model.val``: what each validation runs."""
 
+    num_samples: int = 2        # captions of the first val batch sampled at each validation
+    steps: int = 20
+    solver: str = "euler"       # euler | heun | unipc
+    cfg_scale: float = 5.0
+    timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # fixed-noise loss at these t
 
-def _checked(name: str, given: dict, defaults: dict) -> dict:
-    return checked_options(f"model.{name}", given, defaults)
-
-
-def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _gathered(tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
-    """Full CPU copies of (possibly sharded) tensors, one at a time; {} where not ``keep``.
-
-    Every rank must call this (``full_tensor`` is a collective) in the same order.
-    """
-    out = {}
-    for name, t in tensors.items():
-        full = t.full_tensor() if _is_dtensor(t) else t
-        if keep:
-            out[name] = full.detach().cpu().clone()
-    return out
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"model.val.solver={self.solver!r}; valid: {', '.join(SOLVERS)}")
 
 
 class DiTModule(ValidateWithEMA, L.LightningModule):
     """Train a `WanDiT` with rectified flow on packed latents.
 
     size: WAN_PRESETS key (tiny | 1.3B | 14B) or None. dit: WanDiT kwargs (None = preset's).
-    flow: timestep_mode, logit_mean, logit_std, shift, resolution_shift (bool) and its anchors
-        base_tokens, base_shift, max_tokens, max_shift.
+    flow: ``FlowOptions`` (timestep_mode, logit_mean, logit_std, shift, resolution_shift and its
+        anchors). val, fsdp, lora: ``ValOptions``, ``FsdpOptions``, ``LoraOptions``. Each is a
+        dict checked against its dataclass (``typed_options``).
     optim: lr, optimizer (a Hydra _partial_ spec, vidgen.utils.optim), warmup_steps, decay,
     grad_clip. ema: {decay, warmup_steps} or None.
     init_from: an earlier stage's DiT (run folder, dit/ folder or .ckpt) to start from.
@@ -207,12 +147,10 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
     cfg_dropout, max_tokens: caption dropout and packing budget of the on-the-fly mode.
     image_encoder, image_dropout: I2V, on-the-fly mode: the CLIP vision directory giving image
         tokens (None / "none": latent condition only) and the image-condition dropout.
-    val: num_samples, steps, solver, cfg_scale, timesteps (fixed validation loss times).
     lora: None (train every weight) or {rank, alpha, dropout, target_modules, base_dtype}: peft
         LoRA adapters on the base (``init_from``), which stays frozen (``base_dtype``: cast it,
         e.g. "bfloat16", under mixed precision). Only the adapters are optimised, averaged by
         EMA and saved in checkpoints; the run exports ``<run>/lora/`` (models/dit/lora.py).
-    fsdp: param_dtype (None | "bfloat16"), reduce_dtype, reshard_after_forward (FSDP2 only).
     context_parallel: ranks that split each packed sequence (Ulysses, context_parallel.py);
         they read the same batches (data.context_parallel) and draw the same noise.
     allow_identity_latent_stats, allow_latent_stats_mismatch: opt-outs of the latent-statistics
@@ -256,15 +194,15 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
                 "this stage continues from the previous stage's DiT: set model.init_from=<run "
                 "folder of the previous stage | its dit/ folder | a .ckpt>"
             )
-        self.dit = build_dit(size, dit)
+        self.dit = build_wan_dit(size, **dit)
         if init_from:
             init_weights_from(self.dit, init_from, trust=trust_checkpoint)
-        self.lora = _checked("lora", lora, LORA_DEFAULTS) if lora else None
+        self.lora = typed_options("model.lora", lora, LoraOptions) if lora else None
         if self.lora:
             if not init_from:
                 rank_zero_warn("model.lora without model.init_from: the adapters train on a frozen, "
                                "randomly initialised base")
-            add_lora(self.dit, **self.lora)
+            add_lora(self.dit, **as_dict(self.lora))
             # Checkpoints hold the adapters only (on_save_checkpoint); the base comes from init_from.
             self.strict_loading = False
         if not 0.0 <= image_dropout <= 1.0:
@@ -272,17 +210,9 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         self.dit.gradient_checkpointing = activation_checkpointing
         check_heads(check_context_parallel(context_parallel), self.dit.num_heads)
         self._cp: ContextParallel | None = None  # the cp group, made in configure_model
-        self.flow = _checked("flow", flow, FLOW_DEFAULTS)
-        if self.flow["timestep_mode"] not in TIMESTEP_MODES:
-            raise ValueError(f"model.flow.timestep_mode={self.flow['timestep_mode']!r}; valid: "
-                             f"{', '.join(TIMESTEP_MODES)}")
-        self.val_cfg = _checked("val", val or {}, VAL_DEFAULTS)
-        if self.val_cfg["solver"] not in SOLVERS:
-            raise ValueError(f"model.val.solver={self.val_cfg['solver']!r}; valid: {', '.join(SOLVERS)}")
-        for name in ("param_dtype", "reduce_dtype"):
-            value = _checked("fsdp", fsdp or {}, FSDP_DEFAULTS)[name]
-            if value not in (None, "float32", "bfloat16", "float16"):
-                raise ValueError(f"model.fsdp.{name}={value!r}; valid: null, float32, bfloat16, float16")
+        self.flow = typed_options("model.flow", flow, FlowOptions)
+        self.val_cfg = typed_options("model.val", val, ValOptions)
+        self.fsdp = typed_options("model.fsdp", fsdp, FsdpOptions)
         self.guard = NonFiniteGuard(max_consecutive=max_consecutive_nonfinite,
                                     knob="model.max_consecutive_nonfinite")
         self.ema: EMA | None = None  # built in on_fit_start, once sharded and on its device
@@ -306,9 +236,9 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         from vidgen.data.latents import INFO_NAME
         from vidgen.models.vae.stats import check_not_identity, check_same_stats, stats_of
 
-        if self.lora and self.lora["base_dtype"] and self._trainer is not None \
+        if self.lora and self.lora.base_dtype and self._trainer is not None \
                 and "mixed" not in str(self.trainer.precision):
-            raise ValueError(f"model.lora.base_dtype={self.lora['base_dtype']} needs autocast: set "
+            raise ValueError(f"model.lora.base_dtype={self.lora.base_dtype} needs autocast: set "
                              f"trainer.precision=bf16-mixed (got {self.trainer.precision})")
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         info = getattr(dm, "info", None)
@@ -352,7 +282,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             self._pipeline = dict(vae=os.path.abspath(self.hparams.vae_path),
                                   text_encoder=self.hparams.text_encoder, text_dim=cfg["text_dim"])
         self._pipeline.update(latent_channels=cfg["out_channels"], patch_size=list(cfg["patch_size"]),
-                              flow=self.flow, latent_stats=dict(stats, source=source))
+                              flow=as_dict(self.flow), latent_stats=dict(stats, source=source))
         if self.dit.cond_channels:
             i2v = (info or {}).get("i2v") or dict(image_encoder=self._image_encoder_ref())
             self._pipeline["i2v"] = dict(image_encoder=i2v.get("image_encoder"),
@@ -393,36 +323,16 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             return
         self._configured = True
         if self.hparams.compile:
-            for block in self.dit.blocks:  # per block: names (and checkpoints) stay unchanged
-                block.compile(dynamic=True)
+            compile_blocks(self.dit)
         if self.hparams.context_parallel > 1:
             self._cp = context_parallel_group(self.hparams.context_parallel,
                                               self.trainer.strategy.root_device.type)
         if self.device_mesh is None:
             return
-        if self.lora and self.lora["base_dtype"]:
+        if self.lora and self.lora.base_dtype:
             raise ValueError("model.lora.base_dtype with FSDP2: FSDP2 needs one dtype per sharded group; "
                              "set model.fsdp.param_dtype=bfloat16 instead (the base is frozen either way)")
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import (
-            MixedPrecisionPolicy,
-            fully_shard,
-            register_fsdp_forward_method,
-        )
-
-        # Parameters shard over every rank, whatever 2D mesh the strategy made: with context
-        # parallelism over the (dp, cp) mesh flattened, as torchtitan shards over dp_shard x cp.
-        # Its gradient mean over all ranks is the data-parallel mean (context_parallel.py).
-        world = torch.distributed.get_world_size()
-        mesh = init_device_mesh(self.device_mesh.device_type, (world,), mesh_dim_names=("dp",))
-        f = _checked("fsdp", self.hparams.fsdp or {}, FSDP_DEFAULTS)
-        dtype = lambda name: getattr(torch, name) if name else None  # noqa: E731
-        mp = MixedPrecisionPolicy(param_dtype=dtype(f["param_dtype"]), reduce_dtype=dtype(f["reduce_dtype"]))
-        for block in self.dit.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=f["reshard_after_forward"])
-        fully_shard(self.dit, mesh=mesh, mp_policy=mp, reshard_after_forward=f["reshard_after_forward"])
-        for method in ("forward_packed", "forward_packed_tokens"):  # FSDP hooks only wrap forward()
-            register_fsdp_forward_method(self.dit, method)
+        apply_fsdp(self.dit, self.device_mesh.device_type, self.fsdp)
 
     def on_fit_start(self) -> None:
         if self.hparams.ema and self.ema is None:
@@ -434,8 +344,6 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
     # ---------------------------------------------------------------- frozen helpers
     def _vae(self):
         if "vae" not in self._frozen:
-            from vidgen.lit.vae import load_vae
-
             vae = load_vae(self.hparams.vae_path, trust=self.hparams.trust_checkpoint)
             self._frozen["vae"] = vae.eval().requires_grad_(False)
         return self._frozen["vae"].to(self.device)
@@ -515,11 +423,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         """Flow-matching loss of one packed sequence (t: [S] fixed times, else sampled)."""
         if t is None:
             f = self.flow
-            shift = f["shift"]
-            if f["resolution_shift"]:
-                shift = resolution_shift([math.prod(g) for g in p.grids], f["base_tokens"],
-                                         f["base_shift"], f["max_tokens"], f["max_shift"])
-            t = sample_timesteps(p.num_samples, f["timestep_mode"], f["logit_mean"], f["logit_std"],
+            shift = f.shifts([math.prod(g) for g in p.grids])
+            t = sample_timesteps(p.num_samples, f.timestep_mode, f.logit_mean, f.logit_std,
                                  shift, generator=gen, device=self.device)
         # Every token is noised and in the loss, the first (conditioning) frame's too: see the
         # module docstring.
@@ -532,7 +437,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
     def configure_optimizers(self):
         o = self.optim_cfg
         params = [p for p in self.dit.parameters() if p.requires_grad]  # LoRA: the adapters only
-        opt = build_optimizer(o["optimizer"], params, o["lr"])
+        opt = build_optimizer(o.optimizer, params, o.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, optim_lr_lambda(o, trainer_max_steps(self)))
         return [opt], [sched]
 
@@ -542,7 +447,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         if not grads:
             return torch.zeros((), device=self.device)
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        return norm.full_tensor() if _is_dtensor(norm) else norm
+        return norm.full_tensor() if is_dtensor(norm) else norm
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         packs = self._packs(batch, train=True)
@@ -557,7 +462,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         self.manual_backward(loss)
         norm = self._grad_norm()
         if self.guard.check(norm, "loss", self.global_step):
-            clip = self.optim_cfg["grad_clip"]
+            clip = self.optim_cfg.grad_clip
             if clip:
                 params = [p for p in self.dit.parameters() if p.grad is not None]
                 torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
@@ -590,14 +495,14 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         packs = self._packs(batch, train=False)
         total = sum(p.num_samples for p in packs)
         per_t = []
-        for t in self.val_cfg["timesteps"]:
+        for t in self.val_cfg.timesteps:
             gen = self._generator(10**6 + batch_idx, int(round(t * 1000)))  # fixed noise per (batch, t)
             loss = sum(self._pack_loss(p, gen, torch.full((p.num_samples,), float(t), device=self.device))
                        * p.num_samples for p in packs) / total
             self.log(f"val/loss_t{t:.2f}", loss, sync_dist=True, batch_size=total)
             per_t.append(loss)
         self.log("val/loss", torch.stack(per_t).mean(), prog_bar=True, sync_dist=True, batch_size=total)
-        if batch_idx == 0 and self.val_cfg["num_samples"] > 0:
+        if batch_idx == 0 and self.val_cfg.num_samples > 0:
             self._sample_and_log(packs[0])
 
     def _sample_and_log(self, p: PackedBatch) -> None:
@@ -606,7 +511,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         Every rank generates (a sharded model needs every rank in each forward); rank 0 writes.
         """
         v = self.val_cfg
-        n = min(v["num_samples"], p.num_samples)
+        n = min(v.num_samples, p.num_samples)
         x0 = p.unpack(p.x.float())
         bounds = p.cu_seqlens_ctx.tolist()
         conds = p.unpack(p.cond.float()) if p.cond is not None else None
@@ -620,8 +525,8 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
                 i2v["cond"] = conds[i][None]
             if image_bounds is not None:
                 i2v["image"] = p.image[image_bounds[i]: image_bounds[i + 1]].float()[None]
-            fakes.append(generate_latents(self.dit, [text], self._empty(), x0[i].shape, steps=v["steps"],
-                                          solver=v["solver"], cfg_scale=v["cfg_scale"], shift=shift,
+            fakes.append(generate_latents(self.dit, [text], self._empty(), x0[i].shape, steps=v.steps,
+                                          solver=v.solver, cfg_scale=v.cfg_scale, shift=shift,
                                           seed=self.hparams.seed + i, **i2v)[0])
         if not self.trainer.is_global_zero:
             return
@@ -647,17 +552,11 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             return None
         state = self.ema.state_dict()
         keep = self.trainer.is_global_zero
-        return dict(state, shadow=_gathered(state["shadow"], keep), buffers=_gathered(state["buffers"], keep))
+        return dict(state, shadow=gather_full(state["shadow"], keep), buffers=gather_full(state["buffers"], keep))
 
     def _load_ema(self, state: dict) -> None:
-        from torch.distributed.tensor import distribute_tensor
-
-        def like(mine: dict, theirs: dict) -> dict:
-            return {k: distribute_tensor(v.to(mine[k].device), mine[k].device_mesh, mine[k].placements)
-                    if _is_dtensor(mine.get(k)) else v for k, v in theirs.items()}
-
-        self.ema.load_state_dict(dict(state, shadow=like(self.ema.shadow, state["shadow"]),
-                                      buffers=like(self.ema.buffers, state["buffers"])))
+        self.ema.load_state_dict(dict(state, shadow=distribute_like(self.ema.shadow, state["shadow"]),
+                                      buffers=distribute_like(self.ema.buffers, state["buffers"])))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.lora:  # the frozen base is init_from's: keep the adapters only
@@ -697,19 +596,13 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
     def on_train_end(self) -> None:
         """Export ``<run_dir>/dit/`` (EMA weights when kept) and ``pipeline.json``; LoRA runs
         export ``<run_dir>/lora/`` instead."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         rank0 = self.trainer.is_global_zero
         if self.lora:
             self._export_lora(rank0)
             return
-        if self.device_mesh is not None:
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(self.dit, options=opts)  # collective; full on rank 0
-        else:
-            state = self.dit.state_dict()
+        state = full_state_dict(self.dit, sharded=self.device_mesh is not None)  # collective
         if self.ema is not None:
-            state.update(_gathered(self.ema.shadow, rank0))
+            state.update(gather_full(self.ema.shadow, rank0))
         if not rank0:
             return
         with torch.device("meta"):
@@ -723,15 +616,15 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
 
     def _export_lora(self, rank0: bool) -> None:
         """``<run_dir>/lora/``: the adapters (EMA when kept) in diffusers' and Wan's formats."""
-        state = _gathered(lora_tensors(self.dit), rank0)
+        state = gather_full(lora_tensors(self.dit), rank0)
         if self.ema is not None:
-            state.update(_gathered(self.ema.shadow, rank0))
+            state.update(gather_full(self.ema.shadow, rank0))
         if not rank0:
             return
         init_from = self.hparams.init_from
         info = dict(base=os.path.abspath(init_from) if init_from else None,
-                    target_modules=list(self.lora["target_modules"]), dropout=self.lora["dropout"],
+                    target_modules=list(self.lora.target_modules), dropout=self.lora.dropout,
                     ema=self.ema is not None, steps=self.steps_done,
                     run=os.path.abspath(self.trainer.default_root_dir), pipeline=self._pipeline)
-        export_lora(state, Path(self.trainer.default_root_dir) / "lora", self.lora["rank"],
-                    self.lora["alpha"], info)
+        export_lora(state, Path(self.trainer.default_root_dir) / "lora", self.lora.rank,
+                    self.lora.alpha, info)

@@ -21,7 +21,7 @@ rank 0 at the start of fit.
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,9 @@ from vidgen.losses.gan import LeCam, adaptive_weight, gradient_penalty, hinge_d_
 from vidgen.losses.lpips import build_lpips
 from vidgen.losses.recon import vae_loss
 from vidgen.metrics.frames import psnr_per_frame
-from vidgen.models.vae import WanVAE, build_wan_vae, inflate_2d_to_3d
+from vidgen.models.vae import build_wan_vae, inflate_2d_to_3d, load_vae
 from vidgen.models.vae.discriminator import Discriminator3D
-from vidgen.utils.checkpoint import find_export, read_module_state
-from vidgen.utils.config import checked_options
+from vidgen.utils.config import typed_options
 from vidgen.utils.distributed import average_grads_, broadcast_
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard, grads_finite_flag
@@ -43,33 +42,43 @@ from vidgen.utils.logging import add_data_counts, log_video_grid
 from vidgen.utils.optim import build_optimizer, optim_options
 from vidgen.utils.schedule import optim_lr_lambda, trainer_max_steps
 
-# model.loss: every key, with its default (configs/model/vae.yaml repeats them, as documentation).
-LOSS_DEFAULTS = dict(l1_weight=1.0, kl_weight=1e-6, lpips_weight=1.0, lpips_net="vgg", lpips_weights=None,
-                     lpips_random_backbone=False, lpips_frames=None)
-# model.gan: every key, with its default. adaptive_max is in the units of the summed loss
-# (taming-transformers / Wan: L1 and KL summed per clip), see VAEModule.training_step.
-GAN_DEFAULTS = dict(start_step=0, weight=0.1, adaptive_max=1e4, reg="lecam", reg_weight=None,
-                    lecam_decay=0.999)
+
+@dataclass
+class LossOptions:
+    """``model.loss``: the weights of ``vae_loss`` and the LPIPS network."""
+
+    l1_weight: float = 1.0
+    kl_weight: float = 1e-6
+    lpips_weight: float = 1.0
+    lpips_net: str = "vgg"               # vgg (torchvision vgg16, the usual training choice) | alex
+    lpips_weights: str | None = None     # None: the torch hub cache ($TORCH_HOME/hub/checkpoints/...)
+    lpips_random_backbone: bool = False  # tests only: a random backbone, no weights file
+    lpips_frames: int | None = None      # LPIPS on a random subset of this many frames per clip
+
+
+@dataclass
+class GanOptions:
+    """``model.gan`` (stage 3, with ``model.disc``). adaptive_max is in the units of the summed
+    loss (taming-transformers / Wan: L1 and KL summed per clip), see VAEModule.training_step."""
+
+    start_step: int = 0              # batches of reconstruction-only warm-up before the GAN term
+    weight: float = 0.1              # times the adaptive weight
+    adaptive_max: float = 1e4
+    reg: str = "lecam"               # lecam | r1 | none
+    reg_weight: float | None = None  # LeCam's weight or R1's gamma; None: GAN_REGS[reg]
+    lecam_decay: float = 0.999
+
+    def __post_init__(self):
+        if self.reg not in GAN_REGS:
+            raise ValueError(f"model.gan.reg={self.reg!r}; valid: {', '.join(GAN_REGS)}")
+        if self.reg_weight is None:
+            self.reg_weight = GAN_REGS[self.reg]
+
+
 # model.gan.reg -> the default reg_weight: LeCam's weight, R1's gamma (the loss adds gamma / 2 * R1)
 GAN_REGS = {"lecam": 0.001, "r1": 1.0, "none": 0.0}
 # VAE options that inflation takes from the stage-2 config rather than the 2D model's
 INFLATION_KEYS = ("temporal_downsample", "dropout")
-
-
-def load_vae(path: str | os.PathLike, prefer_ema: bool = True, trust: bool = False) -> WanVAE:
-    """A VAE from a `save_pretrained` folder, a run folder, or a Lightning `.ckpt`.
-
-    A run folder resolves to its exported `<run>/vae/` (written at the end of training). A
-    `.ckpt` uses the EMA weights when the run kept them and `prefer_ema` is set; it is loaded
-    weights-only unless `trust` (see `vidgen.utils.checkpoint.load_checkpoint_file`).
-    """
-    path = find_export(path, "vae")
-    if path.is_dir():
-        return WanVAE.from_pretrained(path)
-    hp, state = read_module_state(path, "vae", prefer_ema, trust=trust)
-    vae = build_wan_vae(hp.get("size"), **dict(hp["vae"]))
-    vae.load_state_dict(state)
-    return vae
 
 
 def _same(value):
@@ -89,7 +98,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         init_from .ckpt in full, not weights-only (it may run code: README, Trust).
     ema: {decay, warmup_steps} or None. disc: `Discriminator3D` kwargs or None (no GAN).
     gan: start_step, weight, adaptive_max, reg ("lecam" | "r1" | "none"), reg_weight (LeCam's
-        weight, or R1's gamma), lecam_decay; see GAN_DEFAULTS.
+        weight, or R1's gamma), lecam_decay; see GanOptions.
     """
 
     def __init__(
@@ -121,19 +130,14 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         if init_from:
             self._init_from(init_from)
         self.optim_cfg = optim_options(optim)
-        self.loss_cfg = lp = checked_options("model.loss", loss, LOSS_DEFAULTS)
+        self.loss_cfg = lp = typed_options("model.loss", loss, LossOptions)
         self.lpips = None
-        if lp["lpips_weight"] > 0:
-            self.lpips = build_lpips(
-                net=lp["lpips_net"], weights_path=lp["lpips_weights"], random_backbone=lp["lpips_random_backbone"]
-            )
+        if lp.lpips_weight > 0:
+            self.lpips = build_lpips(net=lp.lpips_net, weights_path=lp.lpips_weights,
+                                     random_backbone=lp.lpips_random_backbone)
         self.disc = Discriminator3D(**dict(disc)) if disc else None
-        self.gan = checked_options("model.gan", gan, GAN_DEFAULTS)
-        if self.gan["reg"] not in GAN_REGS:
-            raise ValueError(f"model.gan.reg={self.gan['reg']!r}; valid: {', '.join(GAN_REGS)}")
-        if self.gan["reg_weight"] is None:
-            self.gan["reg_weight"] = GAN_REGS[self.gan["reg"]]
-        self.lecam = LeCam(decay=self.gan["lecam_decay"]) if self.disc else None
+        self.gan = typed_options("model.gan", gan, GanOptions)
+        self.lecam = LeCam(decay=self.gan.lecam_decay) if self.disc else None
         # averaged by _step and broadcast at fit start, not by DDP (module docstring)
         outside = set(map(id, self.vae.multi_frame_parameters()))
         if self.disc is not None:
@@ -178,13 +182,13 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self):
         o = self.optim_cfg
-        opt_g = build_optimizer(o["optimizer"], self.vae.parameters(), o["lr"])
+        opt_g = build_optimizer(o.optimizer, self.vae.parameters(), o.lr)
         factor = optim_lr_lambda(o, trainer_max_steps(self))
         sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)  # noqa: E731
         if self.disc is None:
             return [opt_g], [sched(opt_g)]
-        disc_lr = o["lr"] if o["disc_lr"] is None else o["disc_lr"]
-        opt_d = build_optimizer(o["disc_optimizer"] or o["optimizer"], self.disc.parameters(), disc_lr,
+        disc_lr = o.lr if o.disc_lr is None else o.disc_lr
+        opt_d = build_optimizer(o.disc_optimizer or o.optimizer, self.disc.parameters(), disc_lr,
                                 "optim.disc_optimizer")
         return [opt_g, opt_d], [sched(opt_g), sched(opt_d)]
 
@@ -200,7 +204,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         if not stepped:
             opt.zero_grad(set_to_none=True)
             return False
-        clip = self.optim_cfg["grad_clip"]
+        clip = self.optim_cfg.grad_clip
         if clip:
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         if opt is self._disc_opt():
@@ -240,14 +244,14 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
         self._count_bucket(batch)
         lp = self.loss_cfg
         step = self.steps_done  # batches trained (global_step skips NaN-skipped steps)
-        gan_on = self.disc is not None and step >= self.gan["start_step"]
+        gan_on = self.disc is not None and step >= self.gan.start_step
 
         recon, mu, logvar = self.vae(x, sample_posterior=True, generator=self.noise)
         total, logs = vae_loss(
             x, recon, mu, logvar,
-            l1_weight=lp["l1_weight"], kl_weight=lp["kl_weight"],
-            lpips_weight=lp["lpips_weight"], lpips_fn=self.lpips,
-            lpips_frames=lp["lpips_frames"], generator=self.noise,
+            l1_weight=lp.l1_weight, kl_weight=lp.kl_weight,
+            lpips_weight=lp.lpips_weight, lpips_fn=self.lpips,
+            lpips_frames=lp.lpips_frames, generator=self.noise,
         )
         if gan_on:
             self.toggle_optimizer(opt_g)
@@ -257,8 +261,8 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
             # stated in taming's units, hence the clamp at adaptive_max / P.
             per_clip = x[0].numel()
             w = adaptive_weight(total, g_adv, self.vae.last_layer,
-                                max_weight=self.gan["adaptive_max"] / per_clip)
-            total = total + self.gan["weight"] * w * g_adv
+                                max_weight=self.gan.adaptive_max / per_clip)
+            total = total + self.gan.weight * w * g_adv
             logs.update({"g_adv": g_adv.detach(), "adaptive_w": w * per_clip})
         stepped = self._step(opt_g, sched_g, total, self.vae, "g")
         if gan_on:
@@ -268,7 +272,7 @@ class VAEModule(ValidateWithEMA, L.LightningModule):
 
         if gan_on:
             self.toggle_optimizer(opt_d)
-            reg, reg_weight = self.gan["reg"], self.gan["reg_weight"]
+            reg, reg_weight = self.gan.reg, self.gan.reg_weight
             real = x.detach().requires_grad_(reg == "r1")
             logits_real, logits_fake = self.disc(real), self.disc(recon.detach())
             d_hinge = hinge_d_loss(logits_real, logits_fake)

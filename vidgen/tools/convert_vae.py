@@ -266,7 +266,7 @@ def to_diffusers(
     (a .ckpt is loaded weights-only unless `trust`)."""
     from safetensors.torch import save_file
 
-    from vidgen.lit.vae import load_vae
+    from vidgen.models.vae import load_vae
 
     model = load_vae(src, prefer_ema=prefer_ema, trust=trust)
     config = config_to_diffusers(model.config)

@@ -150,7 +150,7 @@ def contact_sheet(path: Path, blocks: list[tuple[str, list[tuple[str, torch.Tens
 def build_contact_sheet(demo: Path, shards: str, clips: int, out: Path) -> None:
     from vidgen.data.pipeline import build_video_dataset
     from vidgen.data.video import decode_frames, probe_video
-    from vidgen.lit.vae import load_vae
+    from vidgen.models.vae import load_vae
 
     vae = load_vae(demo / "vae_stage3").eval()
     blocks = []

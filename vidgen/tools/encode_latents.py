@@ -179,7 +179,7 @@ def encode_shard(
 def run(cfg) -> list[str]:
     """The CLI body (cfg: the composed ``configs/encode_latents.yaml``); returns shards written."""
     from vidgen.data.shards import expand_shards
-    from vidgen.lit.vae import load_vae
+    from vidgen.models.vae import load_vae
     from vidgen.models.vae.stats import check_not_identity, stats_of
     from vidgen.text import build_text_encoder, trim_padding
 

@@ -135,7 +135,7 @@ def _device(name: str) -> torch.device:
 def run(cfg) -> Path:
     """The CLI body (cfg: the composed ``configs/latent_stats.yaml``); returns the VAE folder written."""
     from vidgen.data.pipeline import build_video_dataset
-    from vidgen.lit.vae import load_vae
+    from vidgen.models.vae import load_vae
 
     src = vae_folder(cfg.ckpt)
     out = Path(cfg.out) if cfg.out else src

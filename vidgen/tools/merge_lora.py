@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vidgen.diffusion.generate import PIPELINE_NAME
-from vidgen.lit.dit import load_dit
+from vidgen.models.dit import load_dit
 from vidgen.sample import read_pipeline
 from vidgen.tools.convert_dit import DTYPES
 

@@ -18,53 +18,63 @@ only builtins) and are built here, once the parameters exist.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
 
-from vidgen.utils.config import checked_options
+from vidgen.utils.config import typed_options
+from vidgen.utils.schedule import DECAYS
 
 ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "betas": [0.9, 0.999], "eps": 1.0e-8,
          "weight_decay": 0.0}
 
-# Every optim key and its default when a module is built without Hydra (configs/optim/*.yaml
-# set them all). lr has none: it must be given.
-OPTIM_DEFAULTS = {
-    "lr": None,
-    "optimizer": ADAMW,
-    "disc_lr": None,           # None: lr
-    "disc_optimizer": None,    # None: optimizer
-    "warmup_steps": 0,
-    "decay": "constant",
-    "decay_steps": None,
-    "min_lr_ratio": 0.0,
-    "grad_clip": None,
-}
+
+@dataclass
+class OptimOptions:
+    """``optim``: the optimizers, their lrs, the lr schedule (vidgen/utils/schedule.py) and
+    gradient clipping. ``configs/optim/<name>.yaml`` picks the optimizer specs."""
+
+    lr: float | None = None            # required: the peak lr the schedule multiplies
+    optimizer: Any = None              # a Hydra _partial_ spec; None: AdamW (ADAMW)
+    disc_lr: float | None = None       # VAE stage 3's discriminator; None: lr
+    disc_optimizer: Any = None         # None: the same spec as optimizer
+    warmup_steps: int = 0
+    decay: str = "constant"            # constant | cosine | linear: after warm-up, to min_lr_ratio * lr
+    decay_steps: int | None = None     # the step the decay ends at (None: trainer.max_steps)
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None     # global gradient-norm clip; None: none
+
+    def __post_init__(self):
+        if self.lr is None:
+            raise ValueError("optim.lr is required (the peak learning rate the schedule multiplies)")
+        if self.optimizer is None:
+            self.optimizer = dict(ADAMW)
+        for key in ("optimizer", "disc_optimizer"):
+            spec = getattr(self, key)
+            if spec is not None and not (isinstance(spec, Mapping) and "_target_" in spec):
+                raise ValueError(f"optim.{key} must be a Hydra spec with _target_ (e.g. torch.optim.AdamW), "
+                                 f"got {spec!r}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"optim.decay={self.decay!r}; valid: {', '.join(DECAYS)}")
+
 
 # Keys of the flat AdamW config before optimizers became specs: where they live now.
 _MOVED = {"betas": "optim.optimizer.betas", "weight_decay": "optim.optimizer.weight_decay",
           "eps": "optim.optimizer.eps"}
 
 
-def optim_options(given: Mapping | None) -> dict:
-    """The ``optim`` config with its defaults; unknown keys, a missing lr or an optimizer spec
+def optim_options(given: Mapping | OptimOptions | None) -> OptimOptions:
+    """The ``optim`` config, typed; unknown keys, wrong types, a missing lr or an optimizer spec
     without ``_target_`` are errors naming the key."""
-    given = dict(given or {})
-    moved = sorted(set(given) & set(_MOVED))
+    moved = sorted(set(given or {}) & set(_MOVED)) if isinstance(given, Mapping) or given is None else []
     if moved:
         raise ValueError(
             f"optim.{moved[0]} is a setting of the optimizer now: set {_MOVED[moved[0]]} "
             f"(optim.optimizer is a Hydra _partial_ spec, configs/optim/adamw.yaml)"
         )
-    o = checked_options("optim", given, OPTIM_DEFAULTS)
-    if o["lr"] is None:
-        raise ValueError("optim.lr is required (the peak learning rate the schedule multiplies)")
-    for key in ("optimizer", "disc_optimizer"):
-        spec = o[key]
-        if spec is not None and not (isinstance(spec, Mapping) and "_target_" in spec):
-            raise ValueError(f"optim.{key} must be a Hydra spec with _target_ (e.g. torch.optim.AdamW), "
-                             f"got {spec!r}")
-    return o
+    return typed_options("optim", given, OptimOptions)
 
 
 def build_optimizer(spec: Mapping, params: Iterable[torch.nn.Parameter], lr: float,

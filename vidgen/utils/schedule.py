@@ -53,17 +53,15 @@ def lr_lambda(
     return factor
 
 
-def optim_lr_lambda(optim: dict, max_steps: int | None) -> Callable[[int], float]:
-    """`lr_lambda` from an `optim` config: warmup_steps, decay, decay_steps (null: max_steps,
-    as `trainer_max_steps` gives it: None when the run has no step limit)."""
-    decay_steps = optim.get("decay_steps")
-    if decay_steps is None:
-        decay_steps = max_steps
+def optim_lr_lambda(o, max_steps: int | None) -> Callable[[int], float]:
+    """`lr_lambda` from the `optim` settings (`vidgen.utils.optim.OptimOptions`): warmup_steps,
+    decay, decay_steps (None: max_steps, as `trainer_max_steps` gives it: None when the run has
+    no step limit), min_lr_ratio."""
     return lr_lambda(
-        warmup_steps=optim.get("warmup_steps", 0),
-        decay=optim.get("decay", "constant"),
-        decay_steps=decay_steps,
-        min_lr_ratio=optim.get("min_lr_ratio", 0.0),
+        warmup_steps=o.warmup_steps,
+        decay=o.decay,
+        decay_steps=max_steps if o.decay_steps is None else o.decay_steps,
+        min_lr_ratio=o.min_lr_ratio,
     )
 
 

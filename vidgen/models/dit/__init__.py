@@ -12,6 +12,7 @@ from vidgen.data.packing import (
 )
 
 from .attention import BACKENDS, attention, available_backends
+from .load import init_weights_from, load_dit
 from .model import WAN_PRESETS, WanDiT, build_wan_dit, expand_t2v
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "available_backends",
     "build_wan_dit",
     "expand_t2v",
+    "init_weights_from",
+    "load_dit",
     "collate_packed",
     "pack_samples",
     "packing_efficiency",

@@ -29,6 +29,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,8 +39,6 @@ from .names import from_diffusers_name, from_wan_name, to_diffusers_name, to_wan
 
 # q, k, v, o of self- and cross-attention and both FFN linears (peft suffix matching).
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out", "ffn.0", "ffn.2")
-LORA_DEFAULTS = dict(rank=16, alpha=16.0, dropout=0.0, target_modules=list(DEFAULT_TARGETS),
-                     base_dtype=None)
 ADAPTER = "default"  # peft's adapter name
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 WAN_FILE = "wan_lora_comfy.safetensors"
@@ -48,24 +47,39 @@ _PARAM = re.compile(rf"^(.+)\.lora_([AB])\.{ADAPTER}\.weight$")
 DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass
+class LoraOptions:
+    """``model.lora``: the adapters ``add_lora`` injects (None in a config: no LoRA)."""
+
+    rank: int = 16
+    alpha: float = 16.0                 # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # peft suffixes
+    base_dtype: str | None = None       # "bfloat16": cast the frozen base (under mixed precision)
+
+    def __post_init__(self):
+        if self.rank < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1); got rank={self.rank}, "
+                             f"alpha={self.alpha}, dropout={self.dropout}")
+        if self.base_dtype not in DTYPES:
+            raise ValueError(f"model.lora.base_dtype={self.base_dtype!r}; valid: null, "
+                             f"{', '.join(k for k in DTYPES if k)}")
+
+
 def add_lora(
     dit: nn.Module,
-    rank: int = 16,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
+    rank: int = LoraOptions.rank,
+    alpha: float = LoraOptions.alpha,
+    dropout: float = LoraOptions.dropout,
     target_modules: Sequence[str] = DEFAULT_TARGETS,
-    base_dtype: str | None = None,
+    base_dtype: str | None = LoraOptions.base_dtype,
 ) -> list[str]:
     """Inject peft LoRA layers (lora_B zero: the model's output is unchanged) into ``dit`` in
     place and freeze every other parameter; ``base_dtype`` ("bfloat16") casts the frozen ones.
     Returns the adapted module names."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    if rank < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1); got rank={rank}, "
-                         f"alpha={alpha}, dropout={dropout}")
-    if base_dtype not in DTYPES:
-        raise ValueError(f"model.lora.base_dtype={base_dtype!r}; valid: null, {', '.join(k for k in DTYPES if k)}")
+    LoraOptions(rank, alpha, dropout, list(target_modules), base_dtype)  # checks the values
     config = LoraConfig(r=int(rank), lora_alpha=float(alpha), lora_dropout=float(dropout),
                         target_modules=list(target_modules))
     inject_adapter_in_model(config, dit, adapter_name=ADAPTER)

@@ -677,10 +677,14 @@ def wan_14b(**kwargs) -> WanDiT:
 WAN_PRESETS = {"tiny": wan_tiny, "1.3B": wan_1_3b, "14B": wan_14b}
 
 
-def build_wan_dit(size: str, **kwargs) -> WanDiT:
-    """``WAN_PRESETS[size](**kwargs)`` with an error naming the sizes."""
+def build_wan_dit(size: str | None, **kwargs) -> WanDiT:
+    """``WAN_PRESETS[size](**kwargs)`` (None: ``WanDiT(**kwargs)``); a None value means "the
+    preset's" (or WanDiT's default). An unknown size is an error naming the sizes."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if size is None:
+        return WanDiT(**kwargs)
     if size not in WAN_PRESETS:
-        raise ValueError(f"unknown WanDiT size {size!r}; valid: {', '.join(WAN_PRESETS)}")
+        raise ValueError(f"unknown WanDiT size {size!r}; valid: {', '.join(WAN_PRESETS)} (or null)")
     return WAN_PRESETS[size](**kwargs)
 
 
