@@ -193,13 +193,13 @@ def test_dit_gen_report(setup, i3d_calls):
 def test_dit_gen_caption_accuracy_without_fvd(setup, monkeypatch):
     # dit_gen scores what generate() returns; here it returns the reference clips themselves
     # (all pass), then the clips of the batch rolled by one (other captions: all fail)
-    import vidgen.sample as sample_module
+    import vidgen.evaluate as evaluate_module
     from vidgen.models.dit.model import wan_tiny
 
     wan_tiny(in_channels=4, out_channels=4, text_dim=384).save_pretrained(setup / "dit_c")
     clips = torch.cat([b["video"] for b in _loader(_cfg(setup))])
     for shift, expected in ((0, 1.0), (1, 0.0)):
-        monkeypatch.setattr(sample_module, "generate", lambda *a, s=shift, **k: clips.roll(s, 0))
+        monkeypatch.setattr(evaluate_module, "generate", lambda *a, s=shift, **k: clips.roll(s, 0))
         out = evaluate(_cfg(setup, "task=dit_gen", f"ckpt={setup / 'dit_c'}", f"vae={setup / 'vae'}",
                             "text_encoder=minilm", "metrics.lpips=false", "metrics.fvd=false",
                             "allow_identity_latent_stats=true", f"out={setup / f'gen_c{shift}'}"))
@@ -263,7 +263,7 @@ def test_dit_i2v_report_scores_frame0_and_time_against_the_reference(setup, monk
     # dit_i2v scores what generate() returns against each reference clip: here the clip with
     # frame 0 kept and the later frames replaced by those of the other clip; checked against
     # scikit-image frame by frame. generate() must get each clip's own first frame.
-    import vidgen.sample as sample_module
+    import vidgen.evaluate as evaluate_module
     from vidgen.models.dit.model import wan_tiny
 
     wan_tiny(in_channels=12, out_channels=4, text_dim=384).save_pretrained(setup / "dit_i2v")
@@ -276,7 +276,7 @@ def test_dit_i2v_report_scores_frame0_and_time_against_the_reference(setup, monk
         given.append(images.clone())
         return fake
 
-    monkeypatch.setattr(sample_module, "generate", fake_generate)
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
     out = evaluate(_cfg(setup, "task=dit_i2v", f"ckpt={setup / 'dit_i2v'}", f"vae={setup / 'vae'}",
                         "text_encoder=minilm", "metrics.lpips=false", "metrics.fvd=false",
                         "allow_identity_latent_stats=true", f"out={setup / 'i2v'}"))

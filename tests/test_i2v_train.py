@@ -102,7 +102,7 @@ def _png(path, rgb):
 def test_i2v_trains_from_t2v_exports_and_samples_from_a_png(tmp_path, setup, i2v_setup, t2v_run):  # noqa: F811
     from hydra.utils import instantiate
 
-    from vidgen.sample import generate
+    from vidgen.diffusion.pipeline import generate
     from vidgen.sample import run as sample_run
     from vidgen.text import build_text_encoder
 

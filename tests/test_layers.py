@@ -20,7 +20,9 @@ KNOWN: set[tuple[str, str]] = set()
 def _imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        if isinstance(node, ast.ImportFrom) and node.module == "vidgen" and node.level == 0:
+            names.update(f"vidgen.{a.name}" for a in node.names)  # from vidgen import text
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
         elif isinstance(node, ast.Import):
             names.update(a.name for a in node.names)

@@ -13,9 +13,10 @@ import torch
 from test_latents import TINY_VAE, _one_thread, cached_text_encoder, compose_tool  # noqa: F401, I001
 
 from vidgen.data.video import decode_frames, probe_video
+from vidgen.diffusion.generate import PIPELINE_NAME
+from vidgen.diffusion.pipeline import generate, read_pipeline
 from vidgen.models.dit.model import wan_tiny
 from vidgen.models.vae import WanVAE
-from vidgen.sample import PIPELINE_NAME, generate, read_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,7 +160,7 @@ def test_sample_refuses_a_vae_whose_stats_differ_from_the_dit_latents(tmp_path, 
 
 
 def test_recorded_stats_fall_back_to_the_latents_info(tmp_path):
-    from vidgen.sample import recorded_latent_stats
+    from vidgen.diffusion.pipeline import recorded_latent_stats
 
     info = {"vae_config": {"latents_mean": [1.0, 0.5], "latents_std": [2.0, 3.0]}}
     (tmp_path / "latents_info.json").write_text(json.dumps(info))

@@ -15,10 +15,10 @@ from test_dit_train import setup  # noqa: F401  (the latents fixture)
 from test_latents import cached_text_encoder, compose_tool
 from test_train import _cfg as vae_cfg
 
+from vidgen.diffusion.pipeline import read_pipeline
 from vidgen.models.dit import load_dit
 from vidgen.models.vae import load_vae
 from vidgen.run import train
-from vidgen.sample import read_pipeline
 from vidgen.utils.checkpoint import (
     AtomicCheckpointIO,
     UntrustedCheckpointError,

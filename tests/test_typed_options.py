@@ -53,5 +53,8 @@ def test_sampling_shift_reads_old_and_new_pipeline_files():
     assert sampling_shift(full, 256) == pytest.approx(1.0)
     assert sampling_shift(full, 32760) == pytest.approx(5.0)
     assert sampling_shift(FlowOptions(resolution_shift=False, shift=2.0), 32760) == 2.0
-    with pytest.raises(ValueError, match="need 0 < base_tokens < max_tokens"):
-        sampling_shift(dict(full, base_tokens=40000), 256)
+    with pytest.raises(ValueError, match="model.flow: need 0 < base_shift_tokens < max_shift_tokens"):
+        sampling_shift(dict(full, base_shift_tokens=40000), 256)
+    # the anchors' former names (pipeline.json files of earlier exports)
+    former = {"resolution_shift": True, "base_tokens": 64, "base_shift": 1.0, "max_tokens": 4096, "max_shift": 4.0}
+    assert sampling_shift(former, 512) == pytest.approx(2.0)  # log-midway between 64 and 4096

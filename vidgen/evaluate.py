@@ -14,13 +14,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from vidgen import text as text_encoders  # module attribute: tests swap build_text_encoder
 from vidgen.data.pipeline import build_video_dataset
+from vidgen.diffusion.pipeline import check_decoding_vae, generate, read_pipeline
+from vidgen.image_encoder import build_image_encoder
 from vidgen.losses.lpips import build_lpips
 from vidgen.metrics.caption import CaptionAccuracy
 from vidgen.metrics.fvd import FVD
 from vidgen.metrics.i3d import InceptionI3d, load_i3d
 from vidgen.metrics.report import write_report
 from vidgen.metrics.video import VideoMetrics
+from vidgen.models.dit import load_dit
+from vidgen.models.vae import load_vae
 from vidgen.models.vae.tiling import tiled_decode, tiled_encode
 
 log = logging.getLogger(__name__)
@@ -104,8 +109,6 @@ def _compute_fvd(fvd: FVD, metrics: dict, missing: dict) -> dict:
 @torch.no_grad()
 def eval_vae_recon(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     """Reconstruct held-out clips through the VAE (chunked causal path) and score them."""
-    from vidgen.models.vae import load_vae
-
     vae = load_vae(cfg.ckpt, trust=cfg.trust_checkpoint).to(device).eval()
     vae.check_frames(cfg.data.num_frames)
     lpips_model, fvd = _metric_models(cfg, device)
@@ -183,11 +186,6 @@ def eval_dit(cfg: DictConfig, device: torch.device, rank: int) -> dict:
     """Generate a video for each reference clip's caption (``task=dit_i2v``: and its first
     frame) and report FVD against the clips, caption accuracy, and for I2V PSNR / SSIM of
     frame 0 and over time against the reference."""
-    from vidgen.models.dit import load_dit
-    from vidgen.models.vae import load_vae
-    from vidgen.sample import check_decoding_vae, generate, read_pipeline
-    from vidgen.text import build_text_encoder
-
     i2v = cfg.task == "dit_i2v"
     if not i2v and not cfg.metrics.fvd and not cfg.metrics.caption:
         raise ValueError(
@@ -212,11 +210,9 @@ def eval_dit(cfg: DictConfig, device: torch.device, rank: int) -> dict:
         raise ValueError(f"task={cfg.task} but ckpt={cfg.ckpt} is a "
                          f"{'image' if dit.cond_channels else 'text'}-to-video DiT: use task="
                          f"{'dit_i2v' if dit.cond_channels else 'dit_gen'}")
-    text_encoder = build_text_encoder(encoder_name, device=device)
+    text_encoder = text_encoders.build_text_encoder(encoder_name, device=device)
     image_encoder, image_encoder_name = None, None
     if i2v and dit.image_dim is not None:
-        from vidgen.image_encoder import build_image_encoder
-
         image_encoder_name = cfg.image_encoder or (pipeline.get("i2v") or {}).get("image_encoder")
         if not image_encoder_name:
             raise ValueError(f"ckpt={cfg.ckpt} takes image tokens but names no image encoder: pass "

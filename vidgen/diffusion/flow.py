@@ -28,10 +28,11 @@ TIMESTEP_MODES = ("logit_normal", "uniform")
 class FlowOptions:
     """``model.flow``: how training draws t, and the shift sampling uses to match it.
 
-    The shift anchors say that a sample of ``base_tokens`` patch tokens takes ``base_shift``
-    and one of ``max_tokens`` takes ``max_shift`` (``resolution_shift``): 1.0 for a 256-token
-    image (256x256 px through an 8x VAE and 2x2 patches), 5.0 (Wan's sampling shift) for an
-    81-frame 480x832 clip (21 x 30 x 52 = 32760 tokens).
+    The shift anchors say that a sample of ``base_shift_tokens`` patch tokens takes
+    ``base_shift`` and one of ``max_shift_tokens`` takes ``max_shift`` (``resolution_shift``):
+    1.0 for a 256-token image (256x256 px through an 8x VAE and 2x2 patches), 5.0 (Wan's
+    sampling shift) for an 81-frame 480x832 clip (21 x 30 x 52 = 32760 tokens). (The packing
+    budgets model.max_tokens and data.train.max_tokens are another thing.)
     """
 
     timestep_mode: str = "logit_normal"  # logit_normal | uniform
@@ -39,9 +40,9 @@ class FlowOptions:
     logit_std: float = 1.0
     shift: float = 1.0                   # the constant shift, used when resolution_shift is false
     resolution_shift: bool = True        # per-sample shift from its token count (SD3 5.3.2)
-    base_tokens: int = 256
+    base_shift_tokens: int = 256
     base_shift: float = 1.0
-    max_tokens: int = 32760
+    max_shift_tokens: int = 32760
     max_shift: float = 5.0
 
     def __post_init__(self):
@@ -49,22 +50,19 @@ class FlowOptions:
             raise ValueError(f"model.flow.timestep_mode={self.timestep_mode!r}; valid: {', '.join(TIMESTEP_MODES)}")
         if self.shift <= 0:
             raise ValueError(f"model.flow.shift={self.shift}; it must be > 0")
-        _check_anchors(self.base_tokens, self.base_shift, self.max_tokens, self.max_shift)
+        if not (0 < self.base_shift_tokens < self.max_shift_tokens) or self.base_shift <= 0 or self.max_shift <= 0:
+            raise ValueError(
+                "model.flow: need 0 < base_shift_tokens < max_shift_tokens and positive shifts, got "
+                f"base_shift_tokens={self.base_shift_tokens}, max_shift_tokens={self.max_shift_tokens}, "
+                f"base_shift={self.base_shift}, max_shift={self.max_shift}"
+            )
 
     def shifts(self, num_tokens: int | Sequence[int] | Tensor) -> Tensor:
         """The shift of samples of ``num_tokens`` tokens: per size, or the constant one."""
         if self.resolution_shift:
-            return resolution_shift(num_tokens, self.base_tokens, self.base_shift, self.max_tokens,
-                                    self.max_shift)
+            return resolution_shift(num_tokens, self.base_shift_tokens, self.base_shift,
+                                    self.max_shift_tokens, self.max_shift)
         return torch.full_like(torch.as_tensor(num_tokens, dtype=torch.float32), self.shift)
-
-
-def _check_anchors(base_tokens: int, base_shift: float, max_tokens: int, max_shift: float) -> None:
-    if not (0 < base_tokens < max_tokens) or base_shift <= 0 or max_shift <= 0:
-        raise ValueError(
-            f"need 0 < base_tokens < max_tokens and positive shifts, got base_tokens={base_tokens}, "
-            f"max_tokens={max_tokens}, base_shift={base_shift}, max_shift={max_shift}"
-        )
 
 
 def _expand_like(t: Tensor, x: Tensor) -> Tensor:
@@ -102,9 +100,9 @@ def shift_timesteps(t: Tensor, shift: float | Tensor) -> Tensor:
 
 def resolution_shift(
     num_tokens: int | Sequence[int] | Tensor,
-    base_tokens: int = FlowOptions.base_tokens,
+    base_tokens: int = FlowOptions.base_shift_tokens,
     base_shift: float = FlowOptions.base_shift,
-    max_tokens: int = FlowOptions.max_tokens,
+    max_tokens: int = FlowOptions.max_shift_tokens,
     max_shift: float = FlowOptions.max_shift,
 ) -> Tensor:
     """Timestep shift for samples of ``num_tokens`` patch tokens.
@@ -117,7 +115,11 @@ def resolution_shift(
     Returns:
         [S] float32 shifts (0-d for a scalar input).
     """
-    _check_anchors(base_tokens, base_shift, max_tokens, max_shift)
+    if not (0 < base_tokens < max_tokens) or base_shift <= 0 or max_shift <= 0:
+        raise ValueError(
+            f"need 0 < base_tokens < max_tokens and positive shifts, got base_tokens={base_tokens}, "
+            f"max_tokens={max_tokens}, base_shift={base_shift}, max_shift={max_shift}"
+        )
     n = torch.as_tensor(num_tokens, dtype=torch.float32)
     if bool((n <= 0).any()):
         raise ValueError(f"num_tokens must be positive, got {n.tolist()}")

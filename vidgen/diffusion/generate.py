@@ -22,9 +22,11 @@ from vidgen.diffusion.sampling import (
     sample_unipc,
     timesteps_schedule,
 )
+from vidgen.i2v import drop_condition
 from vidgen.utils.config import typed_options
 
 PIPELINE_NAME = "pipeline.json"
+_FORMER_NAMES = {"base_tokens": "base_shift_tokens", "max_tokens": "max_shift_tokens"}  # FlowOptions before 12/2026
 
 
 def pad_texts(texts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -42,12 +44,13 @@ def sampling_shift(flow: FlowOptions | Mapping | None, num_tokens: int) -> float
     """The schedule shift matching training: the per-size resolution shift, else the constant one.
 
     flow: the training run's ``FlowOptions`` or a pipeline.json's ``flow`` dict, where a missing
-    ``resolution_shift`` means off (exports written before it existed) and missing anchors are
-    ``FlowOptions``' defaults.
+    ``resolution_shift`` means off (exports written before it existed), missing anchors are
+    ``FlowOptions``' defaults and the anchors' former names (base_tokens, max_tokens) are read.
     """
     if flow is None:
         return 1.0
     if isinstance(flow, Mapping):
+        flow = {_FORMER_NAMES.get(k, k): v for k, v in flow.items()}
         flow = typed_options("pipeline.json flow", {"resolution_shift": False, **flow}, FlowOptions)
     return float(flow.shifts(num_tokens))
 
@@ -100,8 +103,6 @@ def generate_latents(
             scale=float(cfg_scale),
         )
     else:
-        from vidgen.i2v import drop_condition
-
         given = dict(cond=cond.to(device), image=None if image is None else image.to(device))
         dropped = dict(zip(("cond", "image"), drop_condition(given["cond"], given["image"])))
         model_fn = i2v_cfg_model_fn(

@@ -69,10 +69,14 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from vidgen import text as text_encoders  # module attribute: tests swap build_text_encoder
+from vidgen.data.latents import INFO_NAME
 from vidgen.data.packing import PackedBatch
 from vidgen.data.streams import check_context_parallel
 from vidgen.diffusion import SOLVERS, FlowOptions, interpolate, sample_timesteps, token_flow_loss
 from vidgen.diffusion.generate import PIPELINE_NAME, generate_latents, sampling_shift
+from vidgen.i2v import drop_condition, encode_condition
+from vidgen.image_encoder import build_image_encoder
 from vidgen.models.dit import (
     WanDiT,
     build_wan_dit,
@@ -92,6 +96,8 @@ from vidgen.models.dit.parallelize import (
     is_dtensor,
 )
 from vidgen.models.vae import load_vae
+from vidgen.models.vae.stats import check_not_identity, check_same_stats, stats_of
+from vidgen.text import drop_captions, trim_padding
 from vidgen.utils.config import as_dict, typed_options
 from vidgen.utils.ema import EMA, ValidateWithEMA
 from vidgen.utils.guards import NonFiniteGuard
@@ -233,9 +239,6 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         VAE decoding validation samples must share those statistics; both are recorded in
         pipeline.json so that sampling can check its VAE the same way.
         """
-        from vidgen.data.latents import INFO_NAME
-        from vidgen.models.vae.stats import check_not_identity, check_same_stats, stats_of
-
         if self.lora and self.lora.base_dtype and self._trainer is not None \
                 and "mixed" not in str(self.trainer.precision):
             raise ValueError(f"model.lora.base_dtype={self.lora.base_dtype} needs autocast: set "
@@ -350,9 +353,7 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
 
     def _text_encoder(self):
         if "text" not in self._frozen:
-            from vidgen.text import build_text_encoder
-
-            self._frozen["text"] = build_text_encoder(self.hparams.text_encoder, device=self.device)
+            self._frozen["text"] = text_encoders.build_text_encoder(self.hparams.text_encoder, device=self.device)
         return self._frozen["text"].to(self.device)
 
     def _image_encoder_ref(self) -> str | None:
@@ -361,16 +362,12 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
 
     def _image_encoder(self):
         if "image" not in self._frozen:
-            from vidgen.image_encoder import build_image_encoder
-
             self._frozen["image"] = build_image_encoder(self._image_encoder_ref(), device=self.device)
         encoder = self._frozen["image"]
         return None if encoder is None else encoder.to(self.device)
 
     def _empty(self) -> torch.Tensor:
         if self._empty_text is None:
-            from vidgen.text import trim_padding
-
             self._empty_text = trim_padding(*self._text_encoder().encode([""]))[0].float()
         return self._empty_text.to(self.device)
 
@@ -388,8 +385,6 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
             return [batch["packed"]]
         if "video" not in batch:
             raise ValueError(f"a DiT batch holds 'packed' (data=latents) or 'video' (data=video), got {sorted(batch)}")
-        from vidgen.text import drop_captions, trim_padding
-
         vae = self._vae()
         mu, _ = vae.encode(batch["video"])
         z = vae.normalize(mu).float()
@@ -401,8 +396,6 @@ class DiTModule(ValidateWithEMA, L.LightningModule):
         samples = [dict(latent=z[i], context=texts[i].float(), key=batch["key"][i], caption=captions[i])
                    for i in range(len(z))]
         if self.dit.cond_channels:  # the same condition encode_latents i2v=true stores
-            from vidgen.i2v import drop_condition, encode_condition
-
             cond = encode_condition(vae, batch["video"])
             encoder = self._image_encoder()
             image = None if encoder is None else encoder.encode(batch["video"][:, :, 0])

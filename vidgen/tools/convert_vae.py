@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vidgen.models.export import CONFIG_NAME, WEIGHTS_NAME
+from vidgen.models.vae import load_vae
 from vidgen.models.vae.vae import WanVAE
 
 DIFFUSERS_CLASS = "AutoencoderKLWan"
@@ -265,8 +266,6 @@ def to_diffusers(
     """Convert our VAE (folder, run folder or .ckpt) into a diffusers AutoencoderKLWan folder
     (a .ckpt is loaded weights-only unless `trust`)."""
     from safetensors.torch import save_file
-
-    from vidgen.models.vae import load_vae
 
     model = load_vae(src, prefer_ema=prefer_ema, trust=trust)
     config = config_to_diffusers(model.config)

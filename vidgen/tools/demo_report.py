@@ -28,7 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vidgen.data.pipeline import build_video_dataset
+from vidgen.data.video import decode_frames, probe_video
 from vidgen.metrics.caption import PARTS, check_clip
+from vidgen.models.vae import load_vae
 
 VAE_REPORTS = (("VAE stage 2", "eval_vae_stage2"), ("VAE stage 3", "eval"))
 DIT_REPORT = "eval_dit"
@@ -148,10 +151,6 @@ def contact_sheet(path: Path, blocks: list[tuple[str, list[tuple[str, torch.Tens
 
 @torch.no_grad()
 def build_contact_sheet(demo: Path, shards: str, clips: int, out: Path) -> None:
-    from vidgen.data.pipeline import build_video_dataset
-    from vidgen.data.video import decode_frames, probe_video
-    from vidgen.models.vae import load_vae
-
     vae = load_vae(demo / "vae_stage3").eval()
     blocks = []
     dataset = build_video_dataset(shards, mode="video", num_frames=17, height=64, width=64,

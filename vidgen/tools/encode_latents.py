@@ -47,8 +47,17 @@ import torch
 from safetensors.torch import save as st_save
 from tqdm import tqdm
 
+from vidgen import text as text_encoders  # module attribute: tests swap build_text_encoder
+from vidgen.data.buckets import parse_buckets
 from vidgen.data.latents import EMPTY_NAME, FORMAT, INFO_NAME, encode_sample
+from vidgen.data.pipeline import build_video_dataset
+from vidgen.data.shards import expand_shards
 from vidgen.i2v import encode_condition_latent
+from vidgen.image_encoder import build_image_encoder
+from vidgen.models.vae import load_vae
+from vidgen.models.vae.stats import check_not_identity, stats_of
+from vidgen.text import trim_padding
+from vidgen.utils.rundir import register_resolvers
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -120,10 +129,6 @@ def encode_shard(
     """Encode one video shard into the latent shard ``dst`` (atomically); returns counts."""
     import webdataset as wds
 
-    from vidgen.data.buckets import parse_buckets
-    from vidgen.data.pipeline import build_video_dataset
-    from vidgen.text import trim_padding
-
     if data.buckets is None:
         bucket_sets = [None]
     else:
@@ -178,11 +183,6 @@ def encode_shard(
 
 def run(cfg) -> list[str]:
     """The CLI body (cfg: the composed ``configs/encode_latents.yaml``); returns shards written."""
-    from vidgen.data.shards import expand_shards
-    from vidgen.models.vae import load_vae
-    from vidgen.models.vae.stats import check_not_identity, stats_of
-    from vidgen.text import build_text_encoder, trim_padding
-
     rank, world = rank_and_world(cfg.rank, cfg.world)
     latent_dtype = _dtype(cfg.latent_dtype, "latent_dtype")
     text_dtype = _dtype(cfg.text_dtype, "text_dtype")
@@ -201,18 +201,14 @@ def run(cfg) -> list[str]:
     if cfg.data.buckets is None:
         vae.latent_shape(cfg.data.num_frames, cfg.data.height, cfg.data.width)  # validates
     else:
-        from vidgen.data.buckets import parse_buckets
-
         for b in parse_buckets(list(cfg.data.buckets)):
             vae.latent_shape(b.frames, b.height, b.width)
     kwargs = {} if cfg.text_max_length is None else {"max_length": cfg.text_max_length}
-    text_encoder = build_text_encoder(cfg.text_encoder, device=device, **kwargs)
+    text_encoder = text_encoders.build_text_encoder(cfg.text_encoder, device=device, **kwargs)
     empty_emb, empty_mask = text_encoder.encode([""])
     vae_ref = os.path.abspath(cfg.vae)
     image_encoder, i2v_info = None, None
     if cfg.i2v:
-        from vidgen.image_encoder import build_image_encoder
-
         image_encoder = build_image_encoder(cfg.image_encoder, device=device)
         i2v_info = dict(
             temporal=int(vae.temporal_compression),
@@ -257,8 +253,6 @@ def run(cfg) -> list[str]:
 
 def main() -> None:
     import hydra
-
-    from vidgen.utils.rundir import register_resolvers
 
     register_resolvers()
     config_dir = str(Path(__file__).resolve().parents[2] / "configs")

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vidgen.data.pipeline import build_video_dataset
+from vidgen.data.video import decode_frames
+from vidgen.metrics.frames import psnr_per_frame
+
 
 def extract(shards: str, num: int, frames: int, height: int, width: int, out: Path) -> list[Path]:
     """Write frame 0 of the first ``num`` clips as PNGs, their captions and sample arguments."""
-    from vidgen.data.pipeline import build_video_dataset
-
     dataset = build_video_dataset(shards, mode="video", num_frames=frames, height=height, width=width,
                                   batch_size=1, resampled=False, deterministic=True, rank=0, world_size=1)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,9 +54,6 @@ def extract(shards: str, num: int, frames: int, height: int, width: int, out: Pa
 
 def first_frame_psnr(samples: Path) -> list[tuple[str, float]]:
     """(mp4 name, PSNR in dB of its frame 0 against its conditioning image) per sample."""
-    from vidgen.data.video import decode_frames
-    from vidgen.metrics.frames import psnr_per_frame
-
     rows = []
     for mp4 in sorted(samples.glob("*.mp4")):
         sidecar = json.loads(mp4.with_suffix(".json").read_text())

@@ -45,9 +45,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vidgen.data.pipeline import build_video_dataset
 from vidgen.models.export import CONFIG_NAME, WEIGHTS_NAME
-from vidgen.models.vae import WanVAE
+from vidgen.models.vae import WanVAE, load_vae
 from vidgen.models.vae.stats import vae_folder
+from vidgen.utils.rundir import register_resolvers
 
 log = logging.getLogger(__name__)
 STATS_NAME = "latent_stats.json"
@@ -134,9 +136,6 @@ def _device(name: str) -> torch.device:
 
 def run(cfg) -> Path:
     """The CLI body (cfg: the composed ``configs/latent_stats.yaml``); returns the VAE folder written."""
-    from vidgen.data.pipeline import build_video_dataset
-    from vidgen.models.vae import load_vae
-
     src = vae_folder(cfg.ckpt)
     out = Path(cfg.out) if cfg.out else src
     if out is None:
@@ -174,8 +173,6 @@ def run(cfg) -> Path:
 
 def main() -> None:
     import hydra
-
-    from vidgen.utils.rundir import register_resolvers
 
     register_resolvers()
     config_dir = str(Path(__file__).resolve().parents[2] / "configs")

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from vidgen.diffusion.generate import PIPELINE_NAME
+from vidgen.diffusion.pipeline import read_pipeline
 from vidgen.models.dit import load_dit
-from vidgen.sample import read_pipeline
 from vidgen.tools.convert_dit import DTYPES
 
 
