@@ -9,7 +9,7 @@ from test_vae_stages import _module
 
 from vidgen.lit.dit import DiTModule
 from vidgen.models.dit.model import wan_tiny
-from vidgen.utils.optim import build_optimizer, optim_options
+from vidgen.utils.optim import ADAMW, build_optimizer, optim_options
 
 DISC = dict(in_channels=3, base_channels=8, num_layers=2)
 
@@ -55,3 +55,9 @@ def test_bad_optim_configs_name_the_key():
         DiTModule(dit=dict(wan_tiny().config), flow={}, optim=dict(warmup_steps=3))
     with pytest.raises(ValueError, match=r"optim.disc_optimizer must be a Hydra spec with _target_"):
         _module(optim=dict(lr=1e-4, disc_optimizer=dict(betas=[0.5, 0.9])))
+
+
+def test_a_module_built_without_an_optimizer_gets_the_spec_of_optim_adamw():
+    """vidgen.utils.optim.ADAMW (for modules built by hand) and configs/optim/adamw.yaml agree."""
+    assert _optim("optim=adamw")["optimizer"] == ADAMW
+    assert optim_options({"lr": 1e-3}).optimizer == ADAMW

@@ -14,6 +14,7 @@ to the code that uses it. It serves twice:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, fields, is_dataclass
 from typing import TypeVar
@@ -42,10 +43,20 @@ def typed_options(name: str, given: Mapping | T | None, cls: type[T]) -> T:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), given))
     except OmegaConfBaseException as exn:
-        key = str(exn.full_key or "").split(".")[0].split("[")[0]
-        value = given.get(key, "?")
         reason = str(exn).splitlines()[0]
-        raise ValueError(f"{name}.{exn.full_key}={value!r}: {reason}") from None
+        raise ValueError(f"{name}.{exn.full_key}={_value_at(given, exn.full_key)!r}: {reason}") from None
+
+
+def _value_at(given: Mapping, full_key: str | None):
+    """The value at an OmegaConf key path ("betas[1]", "gan.weights.b") in ``given``: the bad
+    element itself, not the list or dict that holds it."""
+    value = given
+    for part in re.findall(r"[^.\[\]]+", str(full_key or "")):
+        try:
+            value = value[int(part)] if isinstance(value, (list, tuple)) else value[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return "?"
+    return value
 
 
 def as_dict(options) -> dict:

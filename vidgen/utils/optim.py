@@ -27,6 +27,9 @@ from hydra.utils import instantiate
 from vidgen.utils.config import typed_options
 from vidgen.utils.schedule import DECAYS
 
+# The optimizer of a module built without one (by hand; configs/optim/adamw.yaml writes the same
+# spec for Hydra runs). It is not the schema's default: a default dict would be merged into
+# the spec a user gives (optim.optimizer._target_=torch.optim.SGD would keep AdamW's betas).
 ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "betas": [0.9, 0.999], "eps": 1.0e-8,
          "weight_decay": 0.0}
 
